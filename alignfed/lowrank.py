@@ -37,32 +37,60 @@ class Factors:
         return self.u.astype(np.float64) @ self.v.astype(np.float64)
 
 
+@dataclass(frozen=True, slots=True)
+class Svd:
+    """Thin SVD M = u @ diag(s) @ vt, float64: u (out, p) and vt (p, in) orthonormal, s (p,) descending."""
+
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+
+    @classmethod
+    def of_dense(cls, m: np.ndarray) -> Svd:
+        u, s, vt = np.linalg.svd(np.asarray(m, dtype=np.float64), full_matrices=False)
+        return cls(u=u, s=s, vt=vt)
+
+    @classmethod
+    def of_factors(cls, f: Factors) -> Svd:
+        """Exact SVD of u @ v without forming it: QR both sides, SVD the (k, k) core.
+
+        Cost O((out + in) k^2) instead of O(out * in * min(out, in)) for the dense product.
+        """
+        qu, ru = np.linalg.qr(f.u.astype(np.float64))  # qu (out, k'), ru (k', k)
+        qv, rv = np.linalg.qr(f.v.astype(np.float64).T)  # qv (in, k''), rv (k'', k)
+        cu, s, cvt = np.linalg.svd(ru @ rv.T)  # core (k', k''): u @ v = qu @ core @ qv.T
+        return cls(u=qu @ cu[:, : s.size], s=s, vt=cvt[: s.size] @ qv.T)
+
+    def head(self, k: int) -> Factors:
+        """The best rank-k approximation, singular values split evenly between the two factors."""
+        root = np.sqrt(self.s[:k])
+        return Factors(u=(self.u[:, :k] * root).astype(np.float32), v=(root[:, None] * self.vt[:k]).astype(np.float32))
+
+    def tail_norm(self, k: int) -> float:
+        """‖M − M_k‖_F = sqrt(Σ_{i>k} σ_i²) (Eckart–Young)."""
+        return float(np.sqrt(np.sum(np.square(self.s[k:]))))
+
+
+def stack(parts: list[Factors]) -> Factors:
+    """Σ_j u_j @ v_j as one pair: [u_1 … u_n] (out, Σk) @ [v_1; …; v_n] (Σk, in)."""
+    if not parts:
+        raise ValueError("stack: no factors")
+    return Factors(u=np.concatenate([p.u for p in parts], axis=1), v=np.concatenate([p.v for p in parts], axis=0))
+
+
 def pca(m: np.ndarray, rank: int) -> Factors:
     """Best rank-`rank` approximation of m (out, in) by truncated SVD, singular values split evenly."""
-    m64 = np.asarray(m, dtype=np.float64)
-    k = min(rank, *m64.shape)
-    u, s, vt = np.linalg.svd(m64, full_matrices=False)  # u (out, p), s (p,), vt (p, in)
-    root = np.sqrt(s[:k])
-    return Factors(u=(u[:, :k] * root).astype(np.float32), v=(root[:, None] * vt[:k]).astype(np.float32))
+    sv = Svd.of_dense(m)
+    return sv.head(min(rank, sv.s.size))
 
 
 def reduce(f: Factors, rank: int) -> Factors:
-    """Best rank-`rank` approximation of u @ v without forming it: QR both sides, SVD the core.
+    """Best rank-`rank` approximation of u @ v without forming it (see `Svd.of_factors`).
 
-    Cost O((out + in) k^2) instead of O(out * in * min(out, in)); this is what an edge device runs.
+    This is what an edge device runs on its delta, and the server on the stacked aggregate.
     """
-    u = f.u.astype(np.float64)  # (out, k)
-    v = f.v.astype(np.float64)  # (k, in)
-    qu, ru = np.linalg.qr(u)  # qu (out, k), ru (k, k)
-    qv, rv = np.linalg.qr(v.T)  # qv (in, k), rv (k, k)
-    core = ru @ rv.T  # (k, k): u @ v = qu @ core @ qv.T
-    cu, s, cvt = np.linalg.svd(core)
-    k = min(rank, s.size)
-    root = np.sqrt(s[:k])
-    return Factors(
-        u=((qu @ cu[:, :k]) * root).astype(np.float32),
-        v=(root[:, None] * (cvt[:k] @ qv.T)).astype(np.float32),
-    )
+    sv = Svd.of_factors(f)
+    return sv.head(min(rank, sv.s.size))
 
 
 def difference(b_new: np.ndarray, a_new: np.ndarray, b_old: np.ndarray, a_old: np.ndarray, scale: float) -> Factors:
@@ -72,27 +100,42 @@ def difference(b_new: np.ndarray, a_new: np.ndarray, b_old: np.ndarray, a_old: n
     return Factors(u=u.astype(np.float32), v=v.astype(np.float32))
 
 
-def to_adapter(
-    m: np.ndarray, rank: int, scale: float, method: Method = "pca"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Factor a dense product m ≈ s·B@A into LoRA factors of rank `rank`.
+@dataclass(frozen=True, slots=True)
+class AdapterSplit:
+    """M = s·B@A + residual + (what the residual's rank cap dropped, of norm `dropped`)."""
 
-    Returns (A (r, in), B (out, r), residual (out, in)); the residual m − s·B@A is what the server
-    keeps as error feedback. Ranks below `rank` (tiny layers) are zero-padded so shapes stay fixed.
+    a: np.ndarray  # (r, in)
+    b: np.ndarray  # (out, r)
+    residual: Factors  # (out, q) @ (q, in), q ≤ residual_rank; the server's error feedback
+    dropped: float  # ‖M − s·B@A − residual‖_F
+
+
+def to_adapter(m: Factors, rank: int, scale: float, method: Method = "pca", residual_rank: int = 0) -> AdapterSplit:
+    """Factor a product given as factors, m ≈ s·B@A, into LoRA factors of rank `rank`.
+
+    Works in the factors' span only (`Svd.of_factors`): the server never forms an (out, in)
+    matrix. The residual m − s·B@A is returned as factors truncated to its best rank
+    `residual_rank` (0 keeps none); `dropped` says how much that cap lost. Ranks below `rank`
+    (tiny layers) are zero-padded so shapes stay fixed.
     """
-    f = factorize(m, rank, method)
+    sv = Svd.of_factors(m)
+    k = min(rank, sv.s.size)
+    f = _from_svd(sv, k, method)
     if method != "pca":
         # QRCP/CUR factors are lopsided (QRCP: orthonormal u, all magnitude in v), which would give
         # devices a badly scaled LoRA start; an exact SVD of the rank-k product splits it evenly.
         f = reduce(f, f.rank)
-    k = f.rank
-    out_dim, in_dim = f.shape
+    out_dim, in_dim = m.shape
     a = np.zeros((rank, in_dim), dtype=np.float32)
     b = np.zeros((out_dim, rank), dtype=np.float32)
-    a[:k] = f.v
-    b[:, :k] = f.u / scale
-    residual = np.asarray(m, dtype=np.float64) - f.dense()
-    return a, b, residual
+    a[: f.rank] = f.v
+    b[:, : f.rank] = f.u / scale
+    if method == "pca":
+        rest = Svd(u=sv.u[:, k:], s=sv.s[k:], vt=sv.vt[k:])  # M − M_k exactly: the spectrum's tail
+    else:
+        rest = Svd.of_factors(stack([sv.head(sv.s.size), Factors(u=-f.u, v=f.v)]))
+    q = min(residual_rank, rest.s.size)
+    return AdapterSplit(a=a, b=b, residual=rest.head(q), dropped=rest.tail_norm(q))
 
 
 def factorize(m: np.ndarray, rank: int, method: Method = "pca") -> Factors:
@@ -105,15 +148,20 @@ def factorize(m: np.ndarray, rank: int, method: Method = "pca") -> Factors:
     raise ValueError(f"unknown factorization {method!r}; expected one of pca, qrcp, cur")
 
 
+def _from_svd(sv: Svd, k: int, method: Method) -> Factors:
+    if method == "pca":
+        return sv.head(k)
+    if method == "qrcp":
+        return _qrcp(sv, k)
+    if method == "cur":
+        return _cur(sv, k)
+    raise ValueError(f"unknown factorization {method!r}; expected one of pca, qrcp, cur")
+
+
 def qrcp(m: np.ndarray, rank: int) -> Factors:
     """Rank-k approximation from QR with column pivoting: M ≈ Q_k (Q_kᵀ M)."""
-    import scipy.linalg
-
-    m64 = np.asarray(m, dtype=np.float64)
-    k = min(rank, *m64.shape)
-    q, _, _ = scipy.linalg.qr(m64, mode="economic", pivoting=True)  # q (out, p)
-    qk = q[:, :k]
-    return Factors(u=qk.astype(np.float32), v=(qk.T @ m64).astype(np.float32))
+    sv = Svd.of_dense(m)
+    return _qrcp(sv, min(rank, sv.s.size))
 
 
 def cur(m: np.ndarray, rank: int) -> Factors:
@@ -121,15 +169,32 @@ def cur(m: np.ndarray, rank: int) -> Factors:
 
     C (out, k) are actual columns of M, R (k, in) actual rows; U = C⁺ M R⁺ is the optimal core.
     """
+    sv = Svd.of_dense(m)
+    return _cur(sv, min(rank, sv.s.size))
+
+
+def _qrcp(sv: Svd, k: int) -> Factors:
+    """QRCP of M = U·(diag(s)·Vᵀ): U has orthonormal columns, so pivoted QR of the (p, in) matrix
+    C = diag(s)·Vᵀ picks the same columns as pivoted QR of M, and Q_M = U·Q_C."""
     import scipy.linalg
 
-    m64 = np.asarray(m, dtype=np.float64)
-    k = min(rank, *m64.shape)
-    _, _, cols = scipy.linalg.qr(m64, mode="economic", pivoting=True)
-    _, _, rows = scipy.linalg.qr(m64.T, mode="economic", pivoting=True)
-    c = m64[:, cols[:k]]  # (out, k)
-    r = m64[rows[:k], :]  # (k, in)
-    core = np.linalg.pinv(c) @ m64 @ np.linalg.pinv(r)  # (k, k)
+    c = sv.s[:, None] * sv.vt  # (p, in)
+    q, _, _ = scipy.linalg.qr(c, mode="economic", pivoting=True)  # q (p, p')
+    qk = q[:, :k]
+    return Factors(u=(sv.u @ qk).astype(np.float32), v=(qk.T @ c).astype(np.float32))
+
+
+def _cur(sv: Svd, k: int) -> Factors:
+    """CUR with columns pivoted on diag(s)·Vᵀ and rows on (U·diag(s))ᵀ (same pivots as on M, Mᵀ)."""
+    import scipy.linalg
+
+    us = sv.u * sv.s  # (out, p)
+    sv_t = sv.s[:, None] * sv.vt  # (p, in)
+    _, _, cols = scipy.linalg.qr(sv_t, mode="economic", pivoting=True)
+    _, _, rows = scipy.linalg.qr(us.T, mode="economic", pivoting=True)
+    c = us @ sv.vt[:, cols[:k]]  # (out, k): actual columns of M
+    r = us[rows[:k]] @ sv.vt  # (k, in): actual rows of M
+    core = (np.linalg.pinv(c) @ us) @ (sv.vt @ np.linalg.pinv(r))  # C⁺ M R⁺, (k, k)
     return Factors(u=c.astype(np.float32), v=(core @ r).astype(np.float32))
 
 

@@ -124,7 +124,7 @@ class AdapterUpdate:
     """One device's contribution: the change of its adapter product since global `base_version`.
 
     `deltas[layer_id]` holds factors with delta = u @ v = s·(B_i A_i − B_v A_v), shape (out, in);
-    u: (out, k), v: (k, in), k ≤ 2r. `quantization` says how the factors travel ("fp32" | "int8").
+    u: (out, k), v: (k, in), k ≤ 2r. `quantization` says how the factors travel ("fp32" | "int8" | "int8c").
     """
 
     device_id: str
@@ -203,17 +203,55 @@ def _update_wire(update: AdapterUpdate, quantization: str) -> tuple[dict[str, st
     meta.update({"type": "adapter_update", "wire": WIRE_VERSION, "quantization": quantization})
     tensors: dict[str, np.ndarray] = {}
     for lid, f in update.deltas.items():
-        for part, arr in (("u", f.u), ("v", f.v)):
-            name = f"delta.{lid}.{part}"
-            if quantization == "int8":
-                # u rows are output channels; v is quantized along its rows too: v (k, in).
-                q, scale = quantize_rows(arr)
-                tensors[name], tensors[name + "_scale"] = q, scale
-            elif quantization == "fp32":
-                tensors[name] = np.asarray(arr, dtype=np.float32)
-            else:
-                raise ProtocolError(f"unknown quantization {quantization!r}; expected fp32 or int8")
+        for part, arr in _quantize(f, quantization).items():
+            tensors[f"delta.{lid}.{part}"] = arr
     return meta, tensors
+
+
+QUANTIZATIONS = ("fp32", "int8", "int8c")
+
+
+def _quantize(f: Factors, quantization: str) -> dict[str, np.ndarray]:
+    """The wire tensors of one layer's factors: u, v and, for int8 kinds, their scales.
+
+    "int8": one scale per row of u (out,) and of v (k,). "int8c": one scale per rank component,
+    i.e. per column of u (k,) and per row of v (k,): u = U·sqrt(σ) has columns of very different
+    size, and k scales cost 4k bytes where out scales cost 4·out (the same size as u's int8 data
+    at k = 4).
+    """
+    if quantization == "fp32":
+        return {"u": np.asarray(f.u, dtype=np.float32), "v": np.asarray(f.v, dtype=np.float32)}
+    if quantization == "int8":
+        qu, su = quantize_rows(f.u)
+    elif quantization == "int8c":
+        qu_t, su = quantize_rows(np.asarray(f.u).T)
+        qu = np.ascontiguousarray(qu_t.T)
+    else:
+        raise ProtocolError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+    qv, sv = quantize_rows(f.v)
+    return {"u": qu, "u_scale": su, "v": qv, "v_scale": sv}
+
+
+def _dequantize(lid: str, p: Mapping[str, np.ndarray], quantization: str) -> Factors:
+    if quantization == "fp32":
+        return Factors(u=p["u"].astype(np.float32), v=p["v"].astype(np.float32))
+    if quantization not in QUANTIZATIONS:
+        raise ProtocolError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+    per_column = quantization == "int8c"
+    u_scales = p["u"].shape[1] if per_column else p["u"].shape[0]
+    for part, n, what in (("u", u_scales, "column" if per_column else "row"), ("v", p["v"].shape[0], "row")):
+        if p[f"{part}_scale"].shape != (n,):
+            raise ProtocolError(
+                f"layer {lid!r}: {part}_scale has shape {list(p[f'{part}_scale'].shape)}, "
+                f"expected [{n}] (one per {what} of {part})"
+            )
+    u = dequantize_rows(p["u"].T, p["u_scale"]).T if per_column else dequantize_rows(p["u"], p["u_scale"])
+    return Factors(u=np.ascontiguousarray(u), v=dequantize_rows(p["v"], p["v_scale"]))
+
+
+def wire_roundtrip(f: Factors, quantization: str) -> Factors:
+    """The factors a receiver decodes when `f` is sent with `quantization` (for error feedback)."""
+    return _dequantize("", _quantize(f, quantization), quantization)
 
 
 def encode_update(update: AdapterUpdate, key: bytes, quantization: str = "fp32") -> bytes:
@@ -251,21 +289,10 @@ def decode_update(payload: bytes, max_bytes: int) -> Decoded:
     deltas: dict[str, Factors] = {}
     for lid, p in sorted(parts.items()):
         try:
-            if quant == "int8":
-                for part in ("u", "v"):
-                    if p[f"{part}_scale"].shape != p[part].shape[:1]:
-                        raise ProtocolError(
-                            f"layer {lid!r}: {part}_scale has shape {list(p[f'{part}_scale'].shape)}, "
-                            f"expected [{p[part].shape[0]}] (one per row of {part})"
-                        )
-                u = dequantize_rows(p["u"], p["u_scale"])
-                v = dequantize_rows(p["v"], p["v_scale"])
-            elif quant == "fp32":
-                u, v = p["u"].astype(np.float32), p["v"].astype(np.float32)
-            else:
-                raise ProtocolError(f"unknown quantization {quant!r}; expected fp32 or int8")
+            f = _dequantize(lid, p, quant)
         except KeyError as exc:
             raise ProtocolError(f"layer {lid!r}: tensor {exc.args[0]!r} is missing") from exc
+        u, v = f.u, f.v
         if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
             raise ProtocolError(f"layer {lid!r}: factors {list(u.shape)} @ {list(v.shape)} do not chain")
         deltas[lid] = Factors(u=u, v=v)

@@ -21,6 +21,7 @@ import numpy as np
 
 from alignfed import protocol
 from alignfed.errors import ConfigError
+from alignfed.lowrank import Factors, Svd
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -114,23 +115,41 @@ class Store:
     def has_version(self, version: int) -> bool:
         return self._db.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone() is not None
 
-    def version(self, version: int) -> tuple[bytes, dict[str, np.ndarray]]:
-        """(encoded GlobalAdapter, residual per layer id) of a stored version."""
+    def version(self, version: int) -> tuple[bytes, dict[str, Factors]]:
+        """(encoded GlobalAdapter, error-feedback residual factors per layer id) of a stored version.
+
+        Rows written before residuals were kept as factors hold a dense (out, in) matrix under the
+        bare layer id; it is read back exactly as its SVD factors.
+        """
         row = self._db.execute("SELECT adapter, residual FROM versions WHERE version = ?", (version,)).fetchone()
         if row is None:
             raise KeyError(version)
-        residual, _ = protocol.unpack(bytes(row[1]), max_bytes=1 << 34)
-        return bytes(row[0]), {k: np.array(v) for k, v in residual.items()}
+        tensors, _ = protocol.unpack(bytes(row[1]), max_bytes=1 << 34)
+        residual: dict[str, Factors] = {}
+        for name, t in tensors.items():
+            lid, _, part = name.rpartition(".")
+            if part == "u":
+                residual[lid] = Factors(u=np.array(t), v=np.array(tensors[f"{lid}.v"]))
+            elif part != "v":
+                sv = Svd.of_dense(t)
+                residual[name] = sv.head(sv.s.size)
+        return bytes(row[0]), residual
 
     def save_version(
         self,
         adapter: protocol.GlobalAdapter,
         encoded: bytes,
-        residual: Mapping[str, np.ndarray],
+        residual: Mapping[str, Factors],
         used: Mapping[str, tuple[str, float]],
     ) -> None:
-        """Commit a new version and mark the updates it consumed (update id -> (device, weight))."""
-        blob = protocol.pack({k: np.asarray(v, np.float32) for k, v in residual.items()}, {})
+        """Commit a new version and mark the updates it consumed (update id -> (device, weight)).
+
+        The residual of layer `lid` is stored as `lid.u` (out, q) and `lid.v` (q, in), float32.
+        """
+        parts = {
+            f"{lid}.{n}": np.asarray(t, np.float32) for lid, f in residual.items() for n, t in (("u", f.u), ("v", f.v))
+        }
+        blob = protocol.pack(parts, {})
         with self._tx() as db:
             db.execute(
                 "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignfed import tomlfile
+from alignfed import protocol, tomlfile
 from alignfed.errors import ConfigError
 from alignfed.profiles import DeviceProfile, load_profile
 from alignfed.topics import check_id
@@ -23,8 +23,9 @@ class DeviceConfig:
     profile: DeviceProfile
     key: bytes  # HMAC-SHA256 key issued by `alignfed coordinator add-device`
     broker: BrokerConfig
-    wire_quantization: str = "int8"  # how deltas travel: "int8" | "fp32"
+    wire_quantization: str = "int8c"  # how deltas travel: "int8c" | "int8" | "fp32" (docs/protocol.md)
     delta_rank: int = 0  # rank of the sent delta factors; 0 = exact (2r)
+    delta_feedback: bool = True  # carry what compression drops into the next update (edge.uplink)
     max_rounds: int = 0  # stop after this many published updates; 0 = run forever
     max_outbox: int = 64  # pause training while this many updates await an ack
     resend_after_s: float = 30.0  # resend an unacknowledged update after this long
@@ -51,6 +52,7 @@ def load(path: Path) -> DeviceConfig:
         key = bytes.fromhex(str(need("key")))
     except ValueError as exc:
         raise ConfigError(f"{path}: field 'key' must be hex (as issued by add-device)") from exc
+
     def number(name: str, default: float, cast: type, lo: float) -> Any:
         value = raw.get(name, default)
         try:
@@ -61,9 +63,12 @@ def load(path: Path) -> DeviceConfig:
             raise ConfigError(f"{path}: {name} = {value!r}; expected a value ≥ {lo}")
         return out
 
-    quant = str(raw.get("wire_quantization", "int8"))
-    if quant not in ("int8", "fp32"):
-        raise ConfigError(f"{path}: wire_quantization = {quant!r}; expected 'int8' or 'fp32'")
+    quant = str(raw.get("wire_quantization", "int8c"))
+    if quant not in protocol.QUANTIZATIONS:
+        raise ConfigError(f"{path}: wire_quantization = {quant!r}; expected one of {', '.join(protocol.QUANTIZATIONS)}")
+    feedback = raw.get("delta_feedback", True)
+    if not isinstance(feedback, bool):
+        raise ConfigError(f"{path}: delta_feedback = {feedback!r}; expected true or false")
     return DeviceConfig(
         device_id=check_id(str(need("device_id")), "device id"),
         federation=check_id(str(need("federation")), "federation id"),
@@ -80,6 +85,7 @@ def load(path: Path) -> DeviceConfig:
         ),
         wire_quantization=quant,
         delta_rank=number("delta_rank", 0, int, 0),
+        delta_feedback=feedback,
         max_rounds=number("max_rounds", 0, int, 0),
         max_outbox=number("max_outbox", 64, int, 1),
         resend_after_s=number("resend_after_s", 30.0, float, 0.1),

@@ -29,6 +29,7 @@ from edge.config import DeviceConfig
 from edge.data import Batcher, load_texts
 from edge.outbox import Outbox
 from edge.trainer import Trainer
+from edge.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,11 @@ def estimate_memory_mb(bundle: Path, m: mf.Manifest, batch: int, seq_len: int) -
 
 
 def compute_deltas(
-    trained: dict[str, np.ndarray], base: dict[str, np.ndarray], m: mf.Manifest, rank: int
+    trained: dict[str, np.ndarray], base: dict[str, np.ndarray], m: mf.Manifest
 ) -> dict[str, lowrank.Factors]:
-    """Factors of s·(B_i A_i − B_v A_v) per adapted layer, reduced to `rank` when 0 < rank < 2r."""
+    """Exact factors of s·(B_i A_i − B_v A_v) per adapted layer, rank ≤ 2r, SVD-balanced.
+
+    `edge.uplink.Uplink` decides what of it is sent."""
     from alignfed import lora
 
     out: dict[str, lowrank.Factors] = {}
@@ -74,7 +77,7 @@ def compute_deltas(
         layer, module = lora.split_layer_id(lid)
         a, b = lora.key(layer, module, "A"), lora.key(layer, module, "B")
         f = lowrank.difference(trained[b], trained[a], base[b], base[a], m.lora.scale)
-        out[lid] = lowrank.reduce(f, rank) if 0 < rank < f.rank else lowrank.reduce(f, f.rank)
+        out[lid] = lowrank.reduce(f, f.rank)
     return out
 
 
@@ -97,6 +100,7 @@ class EdgeDaemon:
             )
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(cfg.state_dir / "outbox")
+        self.uplink = Uplink(cfg.wire_quantization, cfg.delta_rank, feedback=cfg.delta_feedback)
         self._state_file = cfg.state_dir / "state.json"
         self._seq = json.loads(self._state_file.read_text())["seq"] if self._state_file.exists() else 0
         self.global_adapter: protocol.GlobalAdapter | None = self._load_global()
@@ -266,7 +270,7 @@ class EdgeDaemon:
             wall_time=time.monotonic() - start,
             profile=p.name,
             created_at=time.time(),
-            deltas=compute_deltas(trained, dict(base.tensors), self.manifest, self.cfg.delta_rank),
+            deltas=self.uplink.compress(compute_deltas(trained, dict(base.tensors), self.manifest)),
         )
 
     def publish(self, update: protocol.AdapterUpdate) -> None:
@@ -320,4 +324,3 @@ class EdgeDaemon:
             self.phase = Phase.STOPPED
             self.transport.stop()
         return self.stats
-

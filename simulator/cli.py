@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alignfed.protocol import QUANTIZATIONS
 from simulator.timing import DEFAULT_STEP_S
 from simulator.variants import VARIANT_NAMES, select_variants
 
@@ -109,8 +110,18 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument(
         "--no-duty-cycle", action="store_true", help="ignore the profiles' duty cycle (no rest between rounds)"
     )
-    t.add_argument("--wire", choices=["int8", "fp32"], default="int8", help="update factor encoding (default int8)")
+    t.add_argument(
+        "--wire",
+        choices=list(QUANTIZATIONS),
+        default="int8c",
+        help="update factor encoding: int8c (one scale per rank component, default), int8 (per row), fp32",
+    )
     t.add_argument("--delta-rank", type=int, default=0, help="rank of sent delta factors (0 = exact 2r)")
+    t.add_argument(
+        "--no-delta-feedback",
+        action="store_true",
+        help="devices drop what truncation/quantization loses instead of carrying it into the next update",
+    )
     t.add_argument(
         "--optimizer",
         choices=["round", "device"],
@@ -175,6 +186,7 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
         max_versions=args.max_versions,
         wire_quantization=args.wire,
         delta_rank=args.delta_rank,
+        delta_feedback=not args.no_delta_feedback,
         optimizer=args.optimizer,
         eval_every=args.eval_every,
         timing=Timing(base_step_s=args.step_seconds, duty_cycle=not args.no_duty_cycle),

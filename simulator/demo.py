@@ -113,7 +113,7 @@ def run_demo(opts: DemoOptions) -> None:
                 f"dev-{i}",
                 str(profile),
                 data,
-                extra={"max_rounds": opts.rounds, "seed": i, "wire_quantization": "int8"},
+                extra={"max_rounds": opts.rounds, "seed": i, "wire_quantization": "int8c"},
             )
         )
     k = max(1, min(3, opts.devices))

@@ -43,6 +43,7 @@ from alignfed.errors import ConfigError, RejectedUpdate
 from coordinator.strategies.base import AdapterState, ClientUpdate, Strategy
 from edge.daemon import compute_deltas
 from edge.data import Batch
+from edge.uplink import Uplink
 from simulator.accuracy import AccuracyHook
 from simulator.clock import EventQueue
 from simulator.events import Event
@@ -60,8 +61,9 @@ T = TypeVar("T")
 class SimulationConfig:
     horizon_s: float = 3600.0  # virtual seconds to simulate
     max_versions: int = 0  # stop after this many aggregations (0: no limit)
-    wire_quantization: str = "int8"  # how update factors travel: "int8" | "fp32"
+    wire_quantization: str = "int8c"  # how update factors travel: "int8c" | "int8" | "fp32"
     delta_rank: int = 0  # rank of the sent delta factors; 0 = exact (2r)
+    delta_feedback: bool = True  # devices carry what compression drops into their next update
     poll_s: float = 1.0  # re-check `ready` this often while updates are buffered
     optimizer: OptimizerScope = "round"  # AdamW moments: fresh every round, or kept per device
     eval_every: int = 1  # evaluate every n-th version (and always the last)
@@ -74,8 +76,11 @@ class SimulationConfig:
             raise ConfigError(f"simulation: horizon_s must be > 0 seconds, got {self.horizon_s}")
         if self.max_versions < 0:
             raise ConfigError(f"simulation: max_versions must be ≥ 0 (0 = no limit), got {self.max_versions}")
-        if self.wire_quantization not in ("int8", "fp32"):
-            raise ConfigError(f"simulation: wire_quantization must be 'int8' or 'fp32', got {self.wire_quantization!r}")
+        if self.wire_quantization not in protocol.QUANTIZATIONS:
+            raise ConfigError(
+                f"simulation: wire_quantization must be one of {', '.join(protocol.QUANTIZATIONS)}, "
+                f"got {self.wire_quantization!r}"
+            )
         if self.delta_rank < 0:
             raise ConfigError(f"simulation: delta_rank must be ≥ 0, got {self.delta_rank}")
         if not self.poll_s > 0:
@@ -156,6 +161,7 @@ class _DeviceState:
     batch_rng: np.random.Generator
     avail_rng: np.random.Generator
     key: bytes
+    uplink: Uplink
     moments: Moments | None = None
     received: int = -1  # newest global version received
     last_base: int = -1  # version the last round started from
@@ -209,6 +215,7 @@ class Simulation:
                 batch_rng=np.random.default_rng([config.seed, d.index, 1]),
                 avail_rng=np.random.default_rng([config.seed, d.index, 2]),
                 key=hashlib.sha256(f"alignfed-sim:{d.device_id}".encode()).digest(),
+                uplink=Uplink(config.wire_quantization, config.delta_rank, feedback=config.delta_feedback),
                 moments=testbed.trainer.fresh_moments() if config.optimizer == "device" else None,
             )
 
@@ -316,7 +323,7 @@ class Simulation:
         p = dev.device.profile
         batches = list(self._batches(dev, p.local_steps))
         trained = self.tb.trainer.train(base.tensors, batches, lr=p.lr, moments=dev.moments)
-        deltas = compute_deltas(trained.tensors, dict(base.tensors), self.tb.manifest, self.cfg.delta_rank)
+        deltas = dev.uplink.compress(compute_deltas(trained.tensors, dict(base.tensors), self.tb.manifest))
         loss = float(np.mean(trained.losses))
         update = protocol.AdapterUpdate(
             device_id=dev.device.device_id,

@@ -120,7 +120,7 @@ class AlignFed(Strategy):
     `base_version`, `tau`, `size`, `aligned`, `rho` {layer: ρ}, `rho_mean`, `confidence`, and
     `skipped` with the reason when alignment could not run), `alignment_residual` {layer: mean ρ
     over aligned groups}, `jain_index` and `shares` of the participation window, `forward_passes`
-    (calibration runs so far), `residual_norm`.
+    (calibration runs so far), `residual_norm` and `residual_dropped` (error feedback beyond the 4r cap).
     """
 
     name: ClassVar[str] = "alignfed"
@@ -291,6 +291,7 @@ class AlignFed(Strategy):
                 "shares": fair.shares(counts),
                 "forward_passes": self._aligner.cache.forward_passes if self._aligner else 0,
                 "residual_norm": server_update.residual_norm(state),
+                "residual_dropped": state.dropped,
             },
         )
 

@@ -53,15 +53,17 @@ class ClientUpdate:
 class AdapterState:
     """A global adapter: canonical `lora.{i}.{m}.A` (r, in) / `.B` (out, r) tensors, s = alpha/r.
 
-    `residual[layer_id]` (out, in) is the server-side error feedback: what re-factorization to
-    rank r dropped last time, added back at the next aggregation.
+    `residual[layer_id]` is the server-side error feedback, as factors (out, q) @ (q, in): what
+    re-factorization to rank r dropped last time, added back at the next aggregation. `dropped` is
+    ‖what the residual's rank cap could not keep‖_F at the step that made this state.
     """
 
     version: int
     tensors: Mapping[str, np.ndarray]
     scale: float
     rank: int
-    residual: Mapping[str, np.ndarray] = field(default_factory=dict)
+    residual: Mapping[str, Factors] = field(default_factory=dict)
+    dropped: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

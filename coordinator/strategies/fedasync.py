@@ -84,5 +84,6 @@ class FedAsync(Strategy):
                 "weights": [weight],
                 "alpha": self.alpha,
                 "residual_norm": server_update.residual_norm(state),
+                "residual_dropped": state.dropped,
             },
         )

@@ -101,5 +101,6 @@ class FedAvg(Strategy):
                 "samples": [u.samples for u in updates],
                 "weights": weights,
                 "residual_norm": server_update.residual_norm(state),
+                "residual_dropped": state.dropped,
             },
         )

@@ -93,5 +93,6 @@ class FedBuff(Strategy):
                 "buffered": count,
                 "server_lr": self.server_lr,
                 "residual_norm": server_update.residual_norm(state),
+                "residual_dropped": state.dropped,
             },
         )

@@ -115,5 +115,6 @@ class FedStaleWeight(Strategy):
                 "buffered": len(updates),
                 "server_lr": self.server_lr,
                 "residual_norm": server_update.residual_norm(state),
+                "residual_dropped": state.dropped,
             },
         )

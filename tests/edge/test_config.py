@@ -25,7 +25,12 @@ def write(tmp_path: Path, **extra: object) -> Path:
 
 def test_loads_with_defaults(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path))
-    assert cfg.profile.name == "rpi5-8gb" and cfg.max_outbox == 64 and cfg.wire_quantization == "int8"
+    assert (
+        cfg.profile.name == "rpi5-8gb"
+        and cfg.max_outbox == 64
+        and cfg.wire_quantization == "int8c"
+        and cfg.delta_feedback
+    )
 
 
 @pytest.mark.parametrize(
@@ -33,7 +38,7 @@ def test_loads_with_defaults(tmp_path: Path) -> None:
     [
         ("max_outbox", 0, "max_outbox = 0; expected a value ≥ 1"),
         ("resend_after_s", "soon", "resend_after_s = 'soon'; expected a float"),
-        ("wire_quantization", "int4", "expected 'int8' or 'fp32'"),
+        ("wire_quantization", "int4", "expected one of fp32, int8, int8c"),
         ("key", "xyz", "must be hex"),
         ("device_id", "a/b", "device id 'a/b' is not valid"),
     ],

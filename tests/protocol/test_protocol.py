@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from safetensors.numpy import load as st_load
 from alignfed import protocol
 from alignfed.errors import ProtocolError
 from alignfed.lowrank import Factors
+from alignfed.protocol import unpack
 from alignfed.topics import Topics
 
 GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden_update.bin"
@@ -82,7 +84,7 @@ def updates(draw: st.DrawFn) -> protocol.AdapterUpdate:
 
 
 @settings(max_examples=60, deadline=None)
-@given(updates(), st.sampled_from(["fp32", "int8"]))
+@given(updates(), st.sampled_from(["fp32", "int8", "int8c"]))
 def test_update_round_trip(update: protocol.AdapterUpdate, quant: str) -> None:
     decoded = protocol.decode_update(protocol.encode_update(update, KEY, quant), max_bytes=1 << 24)
     got = decoded.update
@@ -96,10 +98,27 @@ def test_update_round_trip(update: protocol.AdapterUpdate, quant: str) -> None:
         if quant == "fp32":
             np.testing.assert_array_equal(got.deltas[lid].u, f.u)
             np.testing.assert_array_equal(got.deltas[lid].v, f.v)
-        else:  # int8 per row: error ≤ half a step of each row's scale
-            for a, b in ((got.deltas[lid].u, f.u), (got.deltas[lid].v, f.v)):
-                step = np.abs(b).max(axis=1, keepdims=True) / 127.0
+        else:  # int8: error ≤ half a step of each row's (int8c: u's column's) scale
+            u_axis = 0 if quant == "int8c" else 1
+            for a, b, axis in ((got.deltas[lid].u, f.u, u_axis), (got.deltas[lid].v, f.v, 1)):
+                step = np.abs(b).max(axis=axis, keepdims=True) / 127.0
                 assert np.all(np.abs(a - b) <= step * 0.5 + 1e-7)
+        assert protocol.wire_roundtrip(f, quant).u.tobytes() == got.deltas[lid].u.tobytes()
+
+
+def test_int8c_sends_k_scales_for_u_and_is_smaller() -> None:
+    rng = np.random.default_rng(1)
+    u = rng.standard_normal((64, 4)).astype(np.float32) * np.array([8.0, 1.0, 0.1, 0.01], np.float32)  # SVD-like
+    v = rng.standard_normal((4, 48)).astype(np.float32)
+    update = dataclasses.replace(golden_update(), deltas={"0.q": Factors(u=u, v=v)})
+    per_row, per_col = (protocol.encode_update(update, KEY, q) for q in ("int8", "int8c"))
+    assert len(per_col) < len(per_row)
+    assert unpack(per_col, 1 << 20)[0]["delta.0.q.u_scale"].shape == (4,)
+    got = {
+        q: protocol.decode_update(p, 1 << 20).update.deltas["0.q"].u for q, p in (("int8", per_row), ("int8c", per_col))
+    }
+    # the small columns keep their precision when they have their own scale
+    assert np.abs(got["int8c"][:, 3] - u[:, 3]).max() < 0.1 * np.abs(got["int8"][:, 3] - u[:, 3]).max()
 
 
 def test_global_round_trip() -> None:

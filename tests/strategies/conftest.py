@@ -73,7 +73,7 @@ def totals(state: AdapterState) -> dict[str, np.ndarray]:
     """s·B@A + R per layer: what error feedback conserves."""
     out = products(state)
     for lid, r in state.residual.items():
-        out[lid] = out[lid] + r
+        out[lid] = out[lid] + r.dense()
     return out
 
 

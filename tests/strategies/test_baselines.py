@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from alignfed.errors import RejectedUpdate
+from alignfed.lowrank import Factors
 from coordinator.strategies import NAMES, build, server_update
 from coordinator.strategies.fedasync import FedAsync
 from coordinator.strategies.fedavg import FedAvg
@@ -93,8 +94,9 @@ def test_error_feedback_residual_is_carried(syn: Any) -> None:
     state = syn.state(version=0)
     total = syn.totals(state)
     for step in range(4):
-        delta = syn.dense(syn.update(f"u{step}", step, seed=step, k=3))
-        state = server_update.apply(state, delta, server_lr=0.5, method="pca", error_feedback=True)
+        upd = syn.update(f"u{step}", step, seed=step, k=3)
+        delta = syn.dense(upd)
+        state = server_update.apply(state, upd.deltas, server_lr=0.5, method="pca", error_feedback=True)
         for lid in total:
             total[lid] = total[lid] + 0.5 * delta[lid]
         now = syn.totals(state)
@@ -105,8 +107,9 @@ def test_error_feedback_residual_is_carried(syn: Any) -> None:
 
 def test_without_error_feedback_the_residual_is_dropped(syn: Any) -> None:
     state = syn.state(version=0)
-    delta = syn.dense(syn.update("u", 0, k=3))
-    new = server_update.apply(state, delta, server_lr=1.0, error_feedback=False)
+    upd = syn.update("u", 0, k=3)
+    delta = syn.dense(upd)
+    new = server_update.apply(state, upd.deltas, server_lr=1.0, error_feedback=False)
     assert new.residual == {} and server_update.residual_norm(new) == 0.0
     before, after = syn.products(state), syn.products(new)
     lid = "0.q"
@@ -118,9 +121,9 @@ def test_without_error_feedback_the_residual_is_dropped(syn: Any) -> None:
 def test_server_step_checks_layers(syn: Any) -> None:
     state = syn.state()
     with pytest.raises(ValueError, match="does not have"):
-        server_update.apply(state, {"7.q": np.zeros((8, 6))}, server_lr=1.0)
+        server_update.apply(state, {"7.q": Factors(u=np.zeros((8, 1)), v=np.zeros((1, 6)))}, server_lr=1.0)
     with pytest.raises(ValueError, match="has shape"):
-        server_update.apply(state, {"0.q": np.zeros((6, 8))}, server_lr=1.0)
+        server_update.apply(state, {"0.q": Factors(u=np.zeros((6, 1)), v=np.zeros((1, 8)))}, server_lr=1.0)
 
 
 def test_registry_builds_every_name(syn: Any) -> None:

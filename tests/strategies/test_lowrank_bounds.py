@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignfed.lowrank import cur, factorize, pca, qrcp, to_adapter
+from alignfed.lowrank import Factors, cur, factorize, pca, qrcp, to_adapter
 
 shapes = st.tuples(st.integers(2, 24), st.integers(2, 24))
 
@@ -78,8 +79,43 @@ def test_exact_on_matrices_of_rank_at_most_k(
 
 def test_to_adapter_residual_closes_the_product() -> None:
     rng = np.random.default_rng(3)
-    m = rng.normal(size=(9, 7))
+    m = Factors(u=rng.normal(size=(9, 5)), v=rng.normal(size=(5, 7)))  # rank 5
     for method in ("pca", "qrcp", "cur"):
-        a, b, r = to_adapter(m, 3, 0.5, method)  # A (3, 7), B (9, 3), R (9, 7)
-        assert a.shape == (3, 7) and b.shape == (9, 3)
-        np.testing.assert_allclose(0.5 * b.astype(np.float64) @ a + r, m, atol=1e-5)
+        split = to_adapter(m, 3, 0.5, method, residual_rank=5)  # A (3, 7), B (9, 3), R rank ≤ 5
+        assert split.a.shape == (3, 7) and split.b.shape == (9, 3)
+        np.testing.assert_allclose(
+            0.5 * split.b.astype(np.float64) @ split.a + split.residual.dense(), m.dense(), atol=1e-5
+        )
+        assert split.dropped < 1e-5
+
+
+def test_residual_cap_drops_the_smallest_directions() -> None:
+    """With a cap q the residual is the best rank-q part of M − M_r; the rest is reported as dropped."""
+    m = _matrix(5, 12, 10, 0.3)
+    sv = np.linalg.svd(m, compute_uv=False)
+    split = to_adapter(Factors(u=m, v=np.eye(10)), 2, 1.0, "pca", residual_rank=3)
+    assert split.residual.rank == 3
+    assert split.dropped == pytest.approx(float(np.sqrt(np.sum(sv[5:] ** 2))), rel=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(split.residual.dense()), np.sqrt(np.sum(sv[2:5] ** 2)), rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    shape=shapes,
+    inner=st.integers(1, 30),
+    k=st.integers(1, 8),
+    method=st.sampled_from(["pca", "qrcp", "cur"]),
+)
+def test_factored_refactorization_equals_the_dense_one(
+    seed: int, shape: tuple[int, int], inner: int, k: int, method: str
+) -> None:
+    """The server works on stacked factors; the product it keeps is the one the dense method gives."""
+    rng = np.random.default_rng(seed)
+    u, v = rng.normal(size=(shape[0], inner)), rng.normal(size=(inner, shape[1]))
+    m = u @ v
+    split = to_adapter(Factors(u=u, v=v), k, 1.0, method, residual_rank=0)  # type: ignore[arg-type]
+    kept = split.b.astype(np.float64) @ split.a
+    dense_kept = factorize(m, k, method).dense()  # type: ignore[arg-type]
+    # QRCP/CUR pivot on diag(s)·Vᵀ, which picks M's columns (no ties with Gaussian factors)
+    np.testing.assert_allclose(kept, dense_kept, atol=1e-4 * (1.0 + np.abs(m).max()))
