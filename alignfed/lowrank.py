@@ -159,7 +159,7 @@ def _from_svd(sv: Svd, k: int, method: Method) -> Factors:
 
 
 def qrcp(m: np.ndarray, rank: int) -> Factors:
-    """Rank-k approximation from QR with column pivoting: M ≈ Q_k (Q_kᵀ M)."""
+    """Rank-k approximation from QR with column pivoting: M ≈ Q_k (Q_kᵀ M); float64 factors."""
     sv = Svd.of_dense(m)
     return _qrcp(sv, min(rank, sv.s.size))
 
@@ -168,6 +168,7 @@ def cur(m: np.ndarray, rank: int) -> Factors:
     """CUR decomposition M ≈ C U R with k columns and k rows chosen by pivoted QR (deterministic).
 
     C (out, k) are actual columns of M, R (k, in) actual rows; U = C⁺ M R⁺ is the optimal core.
+    Factors are float64 (see `_cur`).
     """
     sv = Svd.of_dense(m)
     return _cur(sv, min(rank, sv.s.size))
@@ -181,7 +182,7 @@ def _qrcp(sv: Svd, k: int) -> Factors:
     c = sv.s[:, None] * sv.vt  # (p, in)
     q, _, _ = scipy.linalg.qr(c, mode="economic", pivoting=True)  # q (p, p')
     qk = q[:, :k]
-    return Factors(u=(sv.u @ qk).astype(np.float32), v=(qk.T @ c).astype(np.float32))
+    return Factors(u=sv.u @ qk, v=qk.T @ c)  # float64: see `_cur`
 
 
 def _cur(sv: Svd, k: int) -> Factors:
@@ -194,8 +195,13 @@ def _cur(sv: Svd, k: int) -> Factors:
     _, _, rows = scipy.linalg.qr(us.T, mode="economic", pivoting=True)
     c = us @ sv.vt[:, cols[:k]]  # (out, k): actual columns of M
     r = us[rows[:k]] @ sv.vt  # (k, in): actual rows of M
-    core = (np.linalg.pinv(c) @ us) @ (sv.vt @ np.linalg.pinv(r))  # C⁺ M R⁺, (k, k)
-    return Factors(u=c.astype(np.float32), v=(core @ r).astype(np.float32))
+    # C⁺ M R⁺ (k, k), pseudo-inverses cut at 1e-10 relative: C and R inherit M's conditioning, and
+    # directions below that are rounding noise that an exact inverse would amplify by up to 1/σ_min
+    core = (np.linalg.pinv(c, rcond=1e-10) @ us) @ (sv.vt @ np.linalg.pinv(r, rcond=1e-10))
+    # float64 on purpose: for ill-conditioned M the core is huge (∝ 1/σ_min) and C·(core R) cancels;
+    # rounded to float32 that product would be off by eps32·‖C‖‖core R‖. `to_adapter` rounds only
+    # the balanced A, B it makes from these.
+    return Factors(u=c, v=core @ r)
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

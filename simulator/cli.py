@@ -129,6 +129,13 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="AdamW moments: fresh every round (default) or kept per device like the edge daemon",
     )
     t.add_argument("--eval-every", type=int, default=1, help="evaluate every n-th version (default 1)")
+    t.add_argument(
+        "--eval-interval",
+        type=float,
+        default=0.0,
+        help="evaluate at most once per this many virtual seconds (default 0: no limit); evaluation cost "
+        "then scales with the horizon, not with how many versions a strategy makes",
+    )
     t.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1)")
     t.add_argument("--seed", type=int, default=0, help="seed of data split, partition, batches and availability")
 
@@ -189,6 +196,7 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
         delta_feedback=not args.no_delta_feedback,
         optimizer=args.optimizer,
         eval_every=args.eval_every,
+        eval_interval_s=args.eval_interval,
         timing=Timing(base_step_s=args.step_seconds, duty_cycle=not args.no_duty_cycle),
         seed=args.seed,
     )

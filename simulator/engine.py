@@ -67,6 +67,7 @@ class SimulationConfig:
     poll_s: float = 1.0  # re-check `ready` this often while updates are buffered
     optimizer: OptimizerScope = "round"  # AdamW moments: fresh every round, or kept per device
     eval_every: int = 1  # evaluate every n-th version (and always the last)
+    eval_interval_s: float = 0.0  # ... and only if this many virtual seconds passed since the last one
     accuracy_every: int = 0  # call the accuracy hook every n-th version too (0: final adapter only)
     timing: Timing = field(default_factory=Timing)
     seed: int = 0
@@ -87,6 +88,8 @@ class SimulationConfig:
             raise ConfigError(f"simulation: poll_s must be > 0 seconds, got {self.poll_s}")
         if self.optimizer not in ("round", "device"):
             raise ConfigError(f"simulation: optimizer must be 'round' or 'device', got {self.optimizer!r}")
+        if not (math.isfinite(self.eval_interval_s) and self.eval_interval_s >= 0):
+            raise ConfigError(f"simulation: eval_interval_s must be ≥ 0 seconds, got {self.eval_interval_s}")
         if self.eval_every < 1 or self.accuracy_every < 0:
             raise ConfigError(
                 f"simulation: eval_every must be ≥ 1 and accuracy_every ≥ 0, got {self.eval_every}, "
@@ -205,6 +208,7 @@ class Simulation:
         self._poll_pending = False
         self._done = False
         self._last_eval = -1
+        self._last_eval_at = -math.inf
         self._global_bytes = 0
         self._current_since = 0.0  # virtual time the current version was made
         self.devices: dict[str, _DeviceState] = {}
@@ -426,7 +430,7 @@ class Simulation:
             if not dev.stopped:
                 self._send(dev, now + self.cfg.timing.download_s(dev.device.profile, nbytes), state.version, nbytes)
         self._prune()
-        if state.version % self.cfg.eval_every == 0:
+        if state.version % self.cfg.eval_every == 0 and now - self._last_eval_at >= self.cfg.eval_interval_s:
             self._evaluate(state, now)
         if self.accuracy is not None and self.cfg.accuracy_every and state.version % self.cfg.accuracy_every == 0:
             self._accuracy(state, now)
@@ -441,6 +445,7 @@ class Simulation:
     def _evaluate(self, state: AdapterState, now: float) -> None:
         ev = self.tb.evaluator.evaluate(state.tensors)
         self._last_eval = state.version
+        self._last_eval_at = now
         self.result.curve.append(
             EvalPoint(
                 time=now,

@@ -107,6 +107,15 @@ def test_sparse_evaluation_still_scores_the_last_version_when_it_was_made(testbe
     assert run.curve[-1].time == made[6]
 
 
+def test_evaluation_interval_is_in_virtual_time(testbed: Testbed) -> None:
+    run = _run(testbed, "fedasync", eval_interval_s=2.0, max_versions=12)
+    times = [p.time for p in run.curve]
+    gaps = [b - a for a, b in zip(times, times[1:-1], strict=False)]  # the last one is always scored
+    assert len(run.curve) < run.versions + 1
+    assert all(g >= 2.0 for g in gaps)
+    assert run.curve[-1].version == run.versions
+
+
 def test_unavailable_devices_go_offline(testbed: Testbed) -> None:
     flaky = [replace(d, profile=replace(d.profile, availability=0.5)) for d in testbed.devices]
     tb = replace(testbed, devices=flaky)

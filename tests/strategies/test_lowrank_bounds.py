@@ -36,7 +36,7 @@ def test_pca_error_is_the_singular_value_tail(seed: int, shape: tuple[int, int],
     assert abs(err - _tail(m, k)) <= 1e-5 * np.linalg.norm(m) + 1e-6
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)  # CI-stable; see the issue note
+@settings(max_examples=200, deadline=None)
 @given(seed=st.integers(0, 2**31), shape=shapes, k=st.integers(1, 24), decay=st.floats(0.0, 1.5))
 def test_qrcp_and_cur_stay_within_their_factors(seed: int, shape: tuple[int, int], k: int, decay: float) -> None:
     """QRCP ≤ sqrt(1 + k(p − k)) × optimal (the rank-revealing QR factor; Businger–Golub pivoting
