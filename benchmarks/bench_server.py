@@ -18,12 +18,12 @@ import platform
 import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the coordinator CLI runs
-import numpy as np  # noqa: E402
+import numpy as np
 
-from alignfed import lora, protocol  # noqa: E402
-from alignfed.lowrank import Factors, reduce  # noqa: E402
-from coordinator.strategies import server_update  # noqa: E402
-from coordinator.strategies.base import AdapterState  # noqa: E402
+from alignfed import lora, protocol
+from alignfed.lowrank import Factors, reduce
+from coordinator.strategies import server_update
+from coordinator.strategies.base import AdapterState
 
 LAYERS, HIDDEN, KV, RANK, ALPHA = 30, 576, 192, 8, 16.0
 
@@ -73,7 +73,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="aggregations in a row (residuals build up)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, OpenBLAS threads {os.environ['OPENBLAS_NUM_THREADS']}")
+    threads = os.environ["OPENBLAS_NUM_THREADS"]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, OpenBLAS threads {threads}")
 
     print(f"\n1. one aggregation of {args.updates} rank-{2 * RANK} updates, {2 * LAYERS} layers, error feedback on")
     state = adapter(rng)

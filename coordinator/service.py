@@ -254,7 +254,7 @@ class Coordinator:
             **self._fleet_metrics(),
             "last_aggregation": {
                 k: self.last_metrics[k]
-                for k in ("alignment_residual", "staleness", "weights", "trigger")
+                for k in ("alignment_residual", "staleness", "weights", "trigger", "residual_norm", "residual_dropped")
                 if k in self.last_metrics
             },
         }

@@ -22,17 +22,45 @@ def mosquitto_binary() -> str:
     return path
 
 
+def make_tls_files(out: Path, name: str = "AlignFed test CA") -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for localhost / 127.0.0.1, made with openssl.
+
+    Returns (ca.pem, server.pem, server.key).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (out / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ext = out / "san.cnf"
+    ext.write_text("subjectAltName = DNS:localhost, IP:127.0.0.1\n")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+        "-keyout", str(ca_key), "-out", str(ca))  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(csr))
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-days", "2", "-extfile", str(ext), "-out", str(cert))  # fmt: skip
+    return ca, cert, key
+
+
 class Mosquitto:
-    def __init__(self, workdir: Path, *, passwd_file: Path | None = None, acl_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        passwd_file: Path | None = None,
+        acl_file: Path | None = None,
+        tls: tuple[Path, Path, Path] | None = None,  # (ca, cert, key): the listener speaks only TLS
+    ) -> None:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.passwd_file, self.acl_file = passwd_file, acl_file
+        self.passwd_file, self.acl_file, self.tls = passwd_file, acl_file, tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtts://localhost:{self.port}" if self.tls else f"mqtt://127.0.0.1:{self.port}"
 
     def _write_conf(self) -> Path:
         lines = [
@@ -52,6 +80,9 @@ class Mosquitto:
             lines.append(f"password_file {self.passwd_file}")
         if self.acl_file:
             lines.append(f"acl_file {self.acl_file}")
+        if self.tls:
+            ca, cert, key = self.tls
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}", "tls_version tlsv1.2"]
         conf = self.dir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf
