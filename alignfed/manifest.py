@@ -34,6 +34,13 @@ OPTIMIZER_MODEL = f"{TRAIN_DIR}/{OPTIMIZER_FILE}"
 CHECKPOINT = f"{TRAIN_DIR}/{CHECKPOINT_FILE}"
 ADAPTER_INIT = "train/adapter_init.safetensors"  # the LoRA tensors every federation starts from
 CALIB_MODEL = "calib/calib_model.onnx"
+
+# Frozen base projections inside the bundle's ONNX models (export/onnx_graph.py), by HF weight
+# name `hf`: fp32 `{hf}.T` (in, out); int8 `{hf}.T.int8` (in, out) with per-output `{hf}.scale`
+# (out,). Every other base tensor keeps its HF name.
+BASE_T = ".T"
+BASE_INT8 = ".T.int8"
+BASE_SCALE = ".scale"
 BASE_GGUF = "gguf/base.gguf"
 
 

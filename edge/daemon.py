@@ -118,14 +118,16 @@ class EdgeDaemon:
         self._sent_at: dict[str, float] = {}
 
     def _make_trainer(self) -> Trainer:
-        if self.cfg.profile.trainer == "ort":
+        p = self.cfg.profile
+        if p.trainer == "ort":
             from edge.trainer import OrtTrainer
 
-            return OrtTrainer(self.cfg.bundle, self.manifest, lr=self.cfg.profile.lr, threads=self.cfg.profile.threads)
-        raise TrainingError(
-            f"profile {self.cfg.profile.name!r} asks for trainer {self.cfg.profile.trainer!r}; "
-            "this build supports 'ort' (onnxruntime-training)"
-        )
+            return OrtTrainer(self.cfg.bundle, self.manifest, lr=p.lr, threads=p.threads)
+        if p.trainer == "torch":  # aarch64: no onnxruntime-training wheels
+            from edge.torch_trainer import TorchTrainer
+
+            return TorchTrainer(self.cfg.bundle, self.manifest, lr=p.lr, threads=p.threads)
+        raise TrainingError(f"profile {p.name!r} asks for trainer {p.trainer!r}; expected 'ort' or 'torch'")
 
     # -- persistence ------------------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from alignfed import lora
 from alignfed.errors import ExportError
-from alignfed.manifest import Architecture, LoraLayout
+from alignfed.manifest import BASE_INT8, BASE_SCALE, BASE_T, Architecture, LoraLayout
+from alignfed.rope import rope_tables
 from export.hf_source import QKV_BIAS_MODULES, bias_name
 
 Mode = Literal["train", "calib"]
@@ -63,22 +64,6 @@ def quantize_int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
     return q, scale
-
-
-def rope_tables(arch: Architecture) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (max_seq, head_dim) as HF's default rotary embedding computes them.
-
-    HF multiplies positions by inv_freq in float32, so the angle is rounded to float32 before
-    cos/sin; the same is done here. inv_freq itself is the correctly rounded float32 of
-    theta^(-2i/d); torch's float32 pow differs from it by 1 ulp in some entries, which moves the
-    angle by ~1e-4 rad at position 8192 and by nothing measurable at short positions.
-    """
-    hd = arch.head_dim
-    inv_freq = (1.0 / (arch.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))).astype(np.float32)
-    pos = np.arange(arch.max_seq, dtype=np.float32)
-    freqs = pos[:, None] * inv_freq[None, :]  # (S, hd/2), float32 products
-    emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)  # (S, hd)
-    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
 class _Graph:
@@ -179,11 +164,11 @@ class _LlamaBuilder:
         hint = f"layers.{layer}.{module}"
         if self.quant == "int8":
             q, scale = quantize_int8_rows(w)
-            q_t = g.param(f"{hf}.T.int8", q.T)  # (in, out) int8
-            s = g.param(f"{hf}.scale", scale)  # (out,)
+            q_t = g.param(hf + BASE_INT8, q.T)  # (in, out) int8
+            s = g.param(hf + BASE_SCALE, scale)  # (out,)
             w_t = g.op("DequantizeLinear", [q_t, s], f"{hint}.w", axis=1)  # (in, out) fp32
         else:
-            w_t = g.param(f"{hf}.T", w.T)  # (in, out)
+            w_t = g.param(hf + BASE_T, w.T)  # (in, out)
         y = g.op("MatMul", [x, w_t], f"{hint}.base")  # (B, T, out)
         if self.arch.qkv_bias and module in QKV_BIAS_MODULES:
             name = bias_name(layer, module)

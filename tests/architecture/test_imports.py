@@ -12,11 +12,12 @@ PACKAGES = ("alignfed", "coordinator", "edge", "export", "simulator")
 
 # dependency -> modules (relative paths) allowed to import it; None = only the packages listed
 ALLOWED: dict[str, set[str] | tuple[str, ...]] = {
-    "torch": ("export/",),
+    "torch": ("export/", "edge/torch_trainer.py"),  # the PyTorch trainer backend (aarch64 devices)
     "transformers": ("export/",),
     "llama_cpp": {"edge/inference.py", "export/gguf_quant.py"},  # serving; llama.cpp's own quantizer
     "paho": {"alignfed/transport.py"},
-    "onnx": ("export/", "simulator/training.py"),  # the simulator reads optimizer hyper-parameters
+    # optimizer hyper-parameters (edge/adamw.py); base weights of the PyTorch backend
+    "onnx": ("export/", "edge/adamw.py", "edge/torch_trainer.py"),
     "amqtt": {"simulator/broker.py"},
 }
 

@@ -38,13 +38,22 @@ STRATEGIES = {
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_three_devices_federate(tmp_path: Path, broker: Mosquitto, tiny_bundle: Path, strategy: str) -> None:
-    profile = fast_profile(tmp_path / "fast.toml")
+    profiles = [
+        fast_profile(tmp_path / "fast.toml"),
+        fast_profile(tmp_path / "fast.toml"),
+        fast_profile(tmp_path / "torch.toml", name="test-torch", trainer="torch"),  # the aarch64 backend
+    ]
+    wires = [  # every wire format, and a truncated delta with device-side error feedback
+        {"wire_quantization": "int8"},
+        {"wire_quantization": "int8c", "delta_rank": 2},
+        {"wire_quantization": "fp32"},
+    ]
     specs = [
         DeviceSpec(
             f"dev-{i}",
-            str(profile),
+            str(profiles[i]),
             write_domain(tmp_path / f"data-{i}.jsonl", DOMAINS[i], 40, seed=i),
-            extra={"max_rounds": 4, "seed": i, "wire_quantization": "int8" if i == 0 else "fp32"},
+            extra={"max_rounds": 4, "seed": i, **wires[i]},
         )
         for i in range(3)
     ]

@@ -9,9 +9,10 @@ import pytest
 
 from alignfed import manifest as mf
 from coordinator.service import initial_adapter
+from edge.adamw import AdamW
 from edge.data import Batch, Batcher
 from edge.trainer import OrtTrainer
-from simulator.training import AdamW, SharedTrainer
+from simulator.training import SharedTrainer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
