@@ -245,8 +245,15 @@ def simulate_main(args: argparse.Namespace, accuracy: AccuracyHook | None = None
     testbed = Testbed.build(testbed_cfg)
     names = ", ".join(v.name for v in experiment.variants)
     print(f"running {len(experiment.variants)} variant(s) for {args.horizon:g} virtual s each: {names}", flush=True)
-    result = run_experiment(testbed, experiment, accuracy=accuracy, progress=None if args.no_progress else _Bar)
-    files = write_report(result, testbed, experiment.simulation, Path(args.out))
+    out = Path(args.out)
+    result = run_experiment(
+        testbed,
+        experiment,
+        accuracy=accuracy,
+        progress=None if args.no_progress else _Bar,
+        on_variant=lambda partial: write_report(partial, testbed, experiment.simulation, out),
+    )
+    files = write_report(result, testbed, experiment.simulation, out)
     width = max(len(s.variant) for s in result.summaries)
     print(f"{'variant':{width}}  final loss  worst device  time-to-target  Jain", flush=True)
     for s in result.summaries:

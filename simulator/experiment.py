@@ -99,14 +99,23 @@ def run_experiment(
     *,
     accuracy: AccuracyHook | None = None,
     progress: ProgressFactory | None = None,
+    on_variant: Callable[[ExperimentResult], object] | None = None,
 ) -> ExperimentResult:
+    """Run every variant; `on_variant` gets the result so far after each one (to save it as it
+    grows: a long experiment interrupted halfway keeps the variants it finished)."""
     order = sorted(config.variants, key=lambda v: v.name != config.reference)  # the reference first
     runs: dict[str, RunResult] = {}
     target = config.target_loss
+
+    def so_far() -> ExperimentResult:
+        ordered = [runs[v.name] for v in config.variants if v.name in runs]
+        return ExperimentResult(runs=ordered, target=target, summaries=[summarize(r, target) for r in ordered])
+
     for v in order:
         bar = progress(v.name, config.simulation.horizon_s) if progress is not None else None
         runs[v.name] = run_variant(v, testbed, config.simulation, accuracy=accuracy, progress=bar)
         if target is None and v.name == config.reference and runs[v.name].curve:
             target = runs[v.name].curve[-1].mean
-    ordered = [runs[v.name] for v in config.variants]
-    return ExperimentResult(runs=ordered, target=target, summaries=[summarize(r, target) for r in ordered])
+        if on_variant is not None and len(runs) < len(order):
+            on_variant(so_far())
+    return so_far()

@@ -159,3 +159,13 @@ def test_cli_help_lists_every_variant(capsys: pytest.CaptureFixture[str]) -> Non
         assert name in text
     for flag in ("--bundle", "--data", "--devices", "--classes", "--horizon", "--max-versions", "--eval-examples"):
         assert flag in text
+
+
+def test_each_finished_variant_is_handed_out_before_the_next_runs(testbed: Testbed) -> None:
+    variants = select_variants(["fedavg,fedbuff,fedasync"], devices=len(testbed.devices), k=2)
+    config = ExperimentConfig(variants=tuple(variants), simulation=make_sim_config(horizon_s=6.0, max_versions=2))
+    seen: list[list[str]] = []
+    final = run_experiment(testbed, config, on_variant=lambda r: seen.append([x.variant for x in r.runs]))
+    assert seen == [["fedavg"], ["fedavg", "fedbuff"]]  # the reference (fedavg) runs first
+    assert [r.variant for r in final.runs] == ["fedavg", "fedbuff", "fedasync"]
+    assert final.target is not None
