@@ -36,6 +36,11 @@ class Factors:
     def dense(self) -> np.ndarray:
         return self.u.astype(np.float64) @ self.v.astype(np.float64)
 
+    def squared_norm(self) -> float:
+        """‖u @ v‖_F² = tr((uᵀu)(v vᵀ)), O((out + in)·k²) without forming the product."""
+        u, v = self.u.astype(np.float64), self.v.astype(np.float64)
+        return float(np.sum((u.T @ u) * (v @ v.T)))
+
 
 @dataclass(frozen=True, slots=True)
 class Svd:

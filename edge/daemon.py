@@ -67,17 +67,16 @@ def estimate_memory_mb(bundle: Path, m: mf.Manifest, batch: int, seq_len: int) -
 def compute_deltas(
     trained: dict[str, np.ndarray], base: dict[str, np.ndarray], m: mf.Manifest
 ) -> dict[str, lowrank.Factors]:
-    """Exact factors of s·(B_i A_i − B_v A_v) per adapted layer, rank ≤ 2r, SVD-balanced.
+    """Exact factors of s·(B_i A_i − B_v A_v) per adapted layer, rank ≤ 2r.
 
-    `edge.uplink.Uplink` decides what of it is sent."""
+    `edge.uplink.Uplink` takes their SVD and decides what of it is sent."""
     from alignfed import lora
 
     out: dict[str, lowrank.Factors] = {}
     for lid in m.layer_ids:
         layer, module = lora.split_layer_id(lid)
         a, b = lora.key(layer, module, "A"), lora.key(layer, module, "B")
-        f = lowrank.difference(trained[b], trained[a], base[b], base[a], m.lora.scale)
-        out[lid] = lowrank.reduce(f, f.rank)
+        out[lid] = lowrank.difference(trained[b], trained[a], base[b], base[a], m.lora.scale)
     return out
 
 

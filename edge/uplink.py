@@ -60,4 +60,4 @@ class Uplink:
 
     def carried_norm(self) -> float:
         """‖e‖_F over all layers: how much movement is waiting to be sent."""
-        return float(sum(float((lowrank.Svd.of_factors(f).s ** 2).sum()) for f in self._carry.values()) ** 0.5)
+        return float(sum(f.squared_norm() for f in self._carry.values()) ** 0.5)

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from alignfed import lora
-from alignfed.lowrank import Factors, Method, Svd, stack, to_adapter
+from alignfed.lowrank import Factors, Method, stack, to_adapter
 from coordinator.strategies.base import AdapterState, ClientUpdate
 
 RESIDUAL_RANKS = 4  # error feedback keeps the best 4r directions of what truncation drops; see decisions.md
@@ -39,11 +39,6 @@ def layer_ids(state: AdapterState) -> list[str]:
         if factor == "A":
             ids.append(lora.layer_id(layer, module))
     return ids
-
-
-def product(state: AdapterState, lid: str) -> np.ndarray:
-    """s·B@A of one layer, float64 (out, in)."""
-    return lora.product(state.tensors, lid, state.scale)
 
 
 def combine(deltas: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> dict[str, Factors]:
@@ -130,4 +125,4 @@ def apply(
 
 def residual_norm(state: AdapterState) -> float:
     """‖R‖_F over all layers: how much the last re-factorization deferred (0 without error feedback)."""
-    return float(np.sqrt(sum(np.sum(np.square(Svd.of_factors(r).s)) for r in state.residual.values())))
+    return float(np.sqrt(sum(r.squared_norm() for r in state.residual.values())))
