@@ -6,6 +6,12 @@ header length, JSON header with sorted keys, raw little-endian data), so the sam
 encodes to the same bytes and any safetensors reader can open it. Nothing is ever pickled. Acks
 and status messages are small JSON documents.
 
+A tensor message may travel deflated (codec "deflate"): the 4-byte magic `AFZ1` followed by a
+zlib stream of the safetensors blob. The magic cannot start a safetensors blob (read as a header
+length it is far above MAX_HEADER_BYTES), so receivers tell the two apart by their first bytes and
+bound the inflated size by the same limit as the payload. int8 factors of an SVD spend most of
+their 256 levels on rare large entries; deflate's Huffman stage takes back the unused bits.
+
 Updates are signed with HMAC-SHA256 over a digest of the header fields (minus the signature) and
 of every wire tensor's name, dtype, shape and bytes, so a signature covers exactly what travelled.
 """
@@ -17,6 +23,7 @@ import hmac
 import json
 import math
 import struct
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +35,8 @@ from alignfed.lowrank import Factors, dequantize_rows, quantize_rows
 
 WIRE_VERSION = "1"
 MAX_HEADER_BYTES = 1 << 20
+CODECS = ("none", "deflate")
+_DEFLATE_MAGIC = b"AFZ1"
 
 _DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
@@ -42,8 +51,10 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 # safetensors framing
 
 
-def pack(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
-    """Serialize tensors + string metadata as a safetensors blob, deterministically."""
+def pack(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], codec: str = "none") -> bytes:
+    """Serialize tensors + string metadata as a safetensors blob, deterministically; deflated if asked."""
+    if codec not in CODECS:
+        raise ProtocolError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     chunks: list[bytes] = []
     offset = 0
@@ -62,13 +73,35 @@ def pack(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> byte
         offset += len(data)
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data section to 8 bytes
-    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+    blob = struct.pack("<Q", len(head)) + head + b"".join(chunks)
+    return _DEFLATE_MAGIC + zlib.compress(blob, 6) if codec == "deflate" else blob
+
+
+def _inflate(payload: bytes, max_bytes: int) -> bytes:
+    """The safetensors blob inside a deflated payload, refusing one that inflates past max_bytes."""
+    inflater = zlib.decompressobj()
+    try:
+        blob = inflater.decompress(payload[len(_DEFLATE_MAGIC) :], max_bytes + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"deflated payload is corrupt: {exc}") from exc
+    if len(blob) > max_bytes or inflater.unconsumed_tail:
+        raise ProtocolError(f"deflated payload inflates to more than the {max_bytes}-byte limit")
+    if not inflater.eof:
+        raise ProtocolError("deflated payload is truncated: the zlib stream does not end")
+    if inflater.unused_data:
+        raise ProtocolError(f"deflated payload has {len(inflater.unused_data)} bytes after its zlib stream")
+    return blob
 
 
 def unpack(payload: bytes, max_bytes: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Parse a safetensors blob, checking every size and offset before touching the data."""
+    """Parse a safetensors blob (plain or deflated), checking every size and offset before touching the data.
+
+    max_bytes bounds the payload as received and, for a deflated one, what it inflates to.
+    """
     if len(payload) > max_bytes:
         raise ProtocolError(f"payload is {len(payload)} bytes, limit is {max_bytes}")
+    if payload[: len(_DEFLATE_MAGIC)] == _DEFLATE_MAGIC:
+        payload = _inflate(payload, max_bytes)
     if len(payload) < 8:
         raise ProtocolError(f"payload is {len(payload)} bytes, too short for a safetensors header")
     (n,) = struct.unpack("<Q", payload[:8])
@@ -125,6 +158,7 @@ class AdapterUpdate:
 
     `deltas[layer_id]` holds factors with delta = u @ v = s·(B_i A_i − B_v A_v), shape (out, in);
     u: (out, k), v: (k, in), k ≤ 2r. `quantization` says how the factors travel ("fp32" | "int8" | "int8c").
+    `eval_loss`, measured before training, is what the federation's worst-device loss is made of.
     """
 
     device_id: str
@@ -139,6 +173,7 @@ class AdapterUpdate:
     profile: str
     created_at: float
     deltas: Mapping[str, Factors]
+    eval_loss: float = math.nan  # base_version's loss on the device's held-out examples (nan: not measured)
     quantization: str = "fp32"
     signature: str = ""
 
@@ -201,6 +236,8 @@ def _update_wire(update: AdapterUpdate, quantization: str) -> tuple[dict[str, st
         for name, typ in _UPDATE_FIELDS.items()
     }
     meta.update({"type": "adapter_update", "wire": WIRE_VERSION, "quantization": quantization})
+    if math.isfinite(update.eval_loss):  # optional: absent when the device holds nothing out
+        meta["eval_loss"] = repr(float(update.eval_loss))
     tensors: dict[str, np.ndarray] = {}
     for lid, f in update.deltas.items():
         for part, arr in _quantize(f, quantization).items():
@@ -254,11 +291,15 @@ def wire_roundtrip(f: Factors, quantization: str) -> Factors:
     return _dequantize("", _quantize(f, quantization), quantization)
 
 
-def encode_update(update: AdapterUpdate, key: bytes, quantization: str = "fp32") -> bytes:
-    """Encode and sign an update with the device's key."""
+def encode_update(update: AdapterUpdate, key: bytes, quantization: str = "fp32", codec: str = "none") -> bytes:
+    """Encode and sign an update with the device's key.
+
+    The signature covers the metadata and tensors, not the envelope: the same update signs the
+    same whether or not it travels deflated.
+    """
     meta, tensors = _update_wire(update, quantization)
     meta["signature"] = sign(key, _digest(meta, tensors))
-    return pack(tensors, meta)
+    return pack(tensors, meta, codec)
 
 
 def decode_update(payload: bytes, max_bytes: int) -> Decoded:
@@ -276,6 +317,10 @@ def decode_update(payload: bytes, max_bytes: int) -> Decoded:
             fields[name] = typ(meta[name])
         except ValueError as exc:
             raise ProtocolError(f"header field {name!r}={meta[name]!r} is not a {typ.__name__}") from exc
+    try:
+        fields["eval_loss"] = float(meta.get("eval_loss", "nan"))
+    except ValueError as exc:
+        raise ProtocolError(f"header field 'eval_loss'={meta['eval_loss']!r} is not a float") from exc
     quant = meta.get("quantization", "fp32")
     parts: dict[str, dict[str, np.ndarray]] = {}
     for name, arr in tensors.items():

@@ -94,7 +94,15 @@ def main() -> None:
     exact = delta(rng, 2 * RANK)
     exact_norm = np.sqrt(sum(np.sum(f.dense() ** 2) for f in exact.values()))
     print(f"   raw fp32 LoRA A,B: {raw / 1e6:.3f} MB")
-    for quant, k in (("fp32", 2 * RANK), ("int8", 2 * RANK), ("int8c", 2 * RANK), ("int8", RANK), ("int8c", RANK)):
+    rows = [
+        ("fp32", 2 * RANK, "none"),
+        ("int8", 2 * RANK, "none"),
+        ("int8c", 2 * RANK, "none"),
+        ("int8", RANK, "none"),
+        ("int8c", RANK, "none"),
+        ("int8c", RANK, "deflate"),
+    ]
+    for quant, k, codec in rows:
         sent = {lid: reduce(f, k) for lid, f in exact.items()}
         update = protocol.AdapterUpdate(
             device_id="d",
@@ -110,12 +118,14 @@ def main() -> None:
             created_at=0.0,
             deltas=sent,
         )
-        payload = protocol.encode_update(update, b"k" * 32, quant)
+        t0 = time.perf_counter()
+        payload = protocol.encode_update(update, b"k" * 32, quant, codec)
+        t_encode = time.perf_counter() - t0
         got = protocol.decode_update(payload, 1 << 26).update.deltas
         err = np.sqrt(sum(np.sum((got[lid].dense() - exact[lid].dense()) ** 2) for lid in exact)) / exact_norm
         print(
-            f"   {quant:5s} k={k:2d}: {len(payload) / 1e6:.3f} MB = {len(payload) / raw:.3f}x raw; "
-            f"relative error of one update {err:.2e}"
+            f"   {quant:5s} k={k:2d} {codec:7s}: {len(payload) / 1e6:.3f} MB = {len(payload) / raw:.3f}x raw; "
+            f"relative error of one update {err:.2e}; encoding {t_encode * 1e3:.0f} ms"
         )
 
 

@@ -23,7 +23,7 @@ from alignfed.manifest import Manifest
 class IngestLimits:
     max_payload_bytes: int = 64 << 20
     max_delta_norm: float = 100.0  # Frobenius norm bound per layer delta
-    tau_max: int = 16  # staleness bound in versions
+    tau_max: int = 32  # staleness bound in versions (docs/decisions.md §14)
 
 
 def frobenius(f: Factors) -> float:

@@ -182,7 +182,13 @@ class Coordinator:
             )
         except RejectedUpdate as exc:
             log.warning("rejected update from %s: %s", device_id, exc.reason)
-            return protocol.Ack(device_id, _update_id_of(payload), False, exc.reason, self.current.version)
+            return protocol.Ack(
+                device_id,
+                _update_id_of(payload, self.cfg.limits.max_payload_bytes),
+                False,
+                exc.reason,
+                self.current.version,
+            )
         client = ClientUpdate.from_message(update, now)
         # Durable first: a crash between here and the strategy replays it from the store on restart.
         self.store.record(update, payload, now, status="pending")
@@ -236,6 +242,7 @@ class Coordinator:
         accepted = {d: s["pending"] + s["aggregated"] for d, s in stats.items()}
         total = sum(accepted.values()) or 1
         losses = self.store.last_losses()
+        evals = self.store.last_eval_losses()
         return {
             "accepted_share": {d: n / total for d, n in sorted(accepted.items())},
             "jain_index": jain_index(accepted.values()),
@@ -244,6 +251,9 @@ class Coordinator:
             "global_adapter_bytes": len(self._publishable),
             "device_train_loss": losses,
             "worst_device_train_loss": max(losses.values()) if losses else None,
+            # each device's loss of the global adapter it last trained from, on its own held-out examples
+            "device_eval_loss": {d: {"loss": loss, "version": v} for d, (loss, v) in sorted(evals.items())},
+            "worst_device_eval_loss": max(loss for loss, _ in evals.values()) if evals else None,
         }
 
     def status(self) -> dict[str, Any]:
@@ -272,7 +282,11 @@ class Coordinator:
         except Exception as exc:  # one bad message must never stop the service
             log.exception("update from %s could not be handled", device_id)
             ack = protocol.Ack(
-                device_id, _update_id_of(msg.payload), False, f"internal error: {exc}", self.current.version
+                device_id,
+                _update_id_of(msg.payload, self.cfg.limits.max_payload_bytes),
+                False,
+                f"internal error: {exc}",
+                self.current.version,
             )
         # The update is in SQLite now: only then tell the broker it may forget the message.
         self.transport.ack(msg)
@@ -319,10 +333,10 @@ class Coordinator:
             self.store.close()
 
 
-def _update_id_of(payload: bytes) -> str:
+def _update_id_of(payload: bytes, max_bytes: int) -> str:
     """Best-effort update id of a payload that failed validation, for the reject ack."""
     try:
-        _, meta = protocol.unpack(payload, max_bytes=len(payload))
+        _, meta = protocol.unpack(payload, max_bytes)
         return meta.get("update_id", "")
     except Exception:
         return ""

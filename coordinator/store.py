@@ -9,6 +9,7 @@ updates intact, and a device resending an update it saw no ack for is answered f
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS updates (
     base_version INTEGER NOT NULL,
     samples      INTEGER NOT NULL,
     train_loss   REAL NOT NULL,
+    eval_loss    REAL,           -- base version's loss on the device's held-out examples, if measured
     received_at  REAL NOT NULL,
     status       TEXT NOT NULL CHECK (status IN ('pending', 'aggregated', 'rejected')),
     reason       TEXT NOT NULL DEFAULT '',
@@ -77,8 +79,15 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{self.path}: cannot open coordinator database ({exc})") from exc
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older version up to this schema (columns only ever added)."""
+        columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(updates)")}
+        if "eval_loss" not in columns:
+            self._db.execute("ALTER TABLE updates ADD COLUMN eval_loss REAL")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -186,7 +195,7 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO updates (device_id, update_id, seq, base_version, samples, train_loss, "
-                "received_at, status, reason, bytes, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "eval_loss, received_at, status, reason, bytes, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     update.device_id,
                     update.update_id,
@@ -194,6 +203,7 @@ class Store:
                     update.base_version,
                     update.samples,
                     update.train_loss,
+                    update.eval_loss if math.isfinite(update.eval_loss) else None,
                     received_at,
                     status,
                     reason,
@@ -235,6 +245,15 @@ class Store:
             d[status] = int(n)
             d["bytes"] += int(nbytes or 0)
         return per_device
+
+    def last_eval_losses(self) -> dict[str, tuple[float, int]]:
+        """Each device's newest measured held-out loss: (loss, the global version it was measured on)."""
+        rows = self._db.execute(
+            "SELECT device_id, eval_loss, base_version FROM updates u WHERE status != 'rejected' "
+            "AND eval_loss IS NOT NULL AND received_at = (SELECT MAX(received_at) FROM updates v "
+            "WHERE v.device_id = u.device_id AND v.status != 'rejected' AND v.eval_loss IS NOT NULL)"
+        )
+        return {str(d): (float(loss), int(v)) for d, loss, v in rows}
 
     def last_losses(self) -> dict[str, float]:
         """Each device's training loss in its newest accepted update."""

@@ -24,8 +24,10 @@ class DeviceConfig:
     key: bytes  # HMAC-SHA256 key issued by `alignfed coordinator add-device`
     broker: BrokerConfig
     wire_quantization: str = "int8c"  # how deltas travel: "int8c" | "int8" | "fp32" (docs/protocol.md)
+    wire_codec: str = "deflate"  # envelope of each update: "deflate" | "none" (lossless)
     delta_rank: int = 0  # rank of the sent delta factors; 0 = exact (2r)
     delta_feedback: bool = True  # carry what compression drops into the next update (edge.uplink)
+    eval_examples: int = 4  # examples held out of training to measure each received global adapter; 0 = none
     max_rounds: int = 0  # stop after this many published updates; 0 = run forever
     max_outbox: int = 64  # pause training while this many updates await an ack
     resend_after_s: float = 30.0  # resend an unacknowledged update after this long
@@ -66,6 +68,9 @@ def load(path: Path) -> DeviceConfig:
     quant = str(raw.get("wire_quantization", "int8c"))
     if quant not in protocol.QUANTIZATIONS:
         raise ConfigError(f"{path}: wire_quantization = {quant!r}; expected one of {', '.join(protocol.QUANTIZATIONS)}")
+    codec = str(raw.get("wire_codec", "deflate"))
+    if codec not in protocol.CODECS:
+        raise ConfigError(f"{path}: wire_codec = {codec!r}; expected one of {', '.join(protocol.CODECS)}")
     feedback = raw.get("delta_feedback", True)
     if not isinstance(feedback, bool):
         raise ConfigError(f"{path}: delta_feedback = {feedback!r}; expected true or false")
@@ -84,8 +89,10 @@ def load(path: Path) -> DeviceConfig:
             ca_file=str(broker.get("ca_file", "")),
         ),
         wire_quantization=quant,
+        wire_codec=codec,
         delta_rank=number("delta_rank", 0, int, 0),
         delta_feedback=feedback,
+        eval_examples=number("eval_examples", 4, int, 0),
         max_rounds=number("max_rounds", 0, int, 0),
         max_outbox=number("max_outbox", 64, int, 1),
         resend_after_s=number("resend_after_s", 30.0, float, 0.1),

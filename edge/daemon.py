@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from alignfed.errors import AlignFedError, ProtocolError, TrainingError
 from alignfed.topics import Topics
 from alignfed.transport import Transport
 from edge.config import DeviceConfig
-from edge.data import Batcher, load_texts
+from edge.data import Batch, Batcher, hold_out, load_texts
 from edge.outbox import Outbox
 from edge.trainer import Trainer
 from edge.uplink import Uplink
@@ -103,11 +104,18 @@ class EdgeDaemon:
         self._state_file = cfg.state_dir / "state.json"
         self._seq = json.loads(self._state_file.read_text())["seq"] if self._state_file.exists() else 0
         self.global_adapter: protocol.GlobalAdapter | None = self._load_global()
-        texts = load_texts(cfg.data)
+        texts, held_out = hold_out(load_texts(cfg.data), cfg.eval_examples, cfg.seed)
         eos = int(self.manifest.tokenizer.get("eos_id", 0))
         self.batcher = Batcher(
             texts, cfg.bundle / mf.TOKENIZER, batch=p.batch, seq_len=p.seq_len, eos_id=eos, seed=cfg.seed
         )
+        # Held-out batches of at most the training batch size, so evaluation never needs more memory.
+        self.held_out: list[Batch] = []
+        try:
+            held = Batcher(held_out, cfg.bundle / mf.TOKENIZER, batch=p.batch, seq_len=p.seq_len, eos_id=eos, seed=0)
+            self.held_out = [held.make(held.rows[i : i + p.batch]) for i in range(0, held.samples, p.batch)]
+        except TrainingError:  # nothing held out, or only examples too short to score
+            log.info("%s: no held-out examples; updates carry no eval loss", cfg.device_id)
         self.trainer = self._make_trainer()
         self.transport = Transport(
             cfg.broker,
@@ -249,6 +257,7 @@ class EdgeDaemon:
         p = self.cfg.profile
         self.trainer.load_adapter(base.tensors)
         start = time.monotonic()
+        eval_loss = self.evaluate()  # of `base`, on data this device never trains on
         losses = []
         batches = iter(self.batcher)
         for _ in range(p.local_steps):
@@ -272,11 +281,19 @@ class EdgeDaemon:
             profile=p.name,
             created_at=time.time(),
             deltas=self.uplink.compress(compute_deltas(trained, dict(base.tensors), self.manifest)),
+            eval_loss=eval_loss,
         )
+
+    def evaluate(self) -> float:
+        """Token-weighted mean loss of the loaded adapter on the held-out examples (nan: none held out)."""
+        if not self.held_out:
+            return math.nan
+        losses = [(self.trainer.eval_loss(b), b.tokens) for b in self.held_out]
+        return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
 
     def publish(self, update: protocol.AdapterUpdate) -> None:
         """PUBLISH: outbox first (durable), then MQTT; the ack deletes it."""
-        payload = protocol.encode_update(update, self.cfg.key, self.cfg.wire_quantization)
+        payload = protocol.encode_update(update, self.cfg.key, self.cfg.wire_quantization, self.cfg.wire_codec)
         self.outbox.put(update.seq, update.update_id, payload)
         self.stats.published += 1
         if self.transport.publish(self.topics.update(self.cfg.device_id), payload, timeout=10):

@@ -65,6 +65,19 @@ def load_texts(path: Path) -> list[str]:
     return out
 
 
+def hold_out(texts: list[str], n: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts): n examples drawn (seeded) to measure global adapters on.
+
+    At most a fifth of the data is held out, so a device with little data still trains on most
+    of it; a device with fewer than 5 examples holds out none.
+    """
+    k = min(n, len(texts) // 5)
+    if k <= 0:
+        return list(texts), []
+    held = set(np.random.default_rng(seed).choice(len(texts), size=k, replace=False).tolist())
+    return [t for i, t in enumerate(texts) if i not in held], [texts[i] for i in sorted(held)]
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     input_ids: np.ndarray  # (B, T) int64

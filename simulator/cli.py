@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignfed.protocol import QUANTIZATIONS
+from alignfed.protocol import CODECS, QUANTIZATIONS
 from simulator.timing import DEFAULT_STEP_S
 from simulator.variants import VARIANT_NAMES, select_variants
 
@@ -116,6 +116,12 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="int8c",
         help="update factor encoding: int8c (one scale per rank component, default), int8 (per row), fp32",
     )
+    t.add_argument(
+        "--codec",
+        choices=list(CODECS),
+        default="deflate",
+        help="envelope of each update: deflate (lossless, default) or none (plain safetensors)",
+    )
     t.add_argument("--delta-rank", type=int, default=0, help="rank of sent delta factors (0 = exact 2r)")
     t.add_argument(
         "--no-delta-feedback",
@@ -192,6 +198,7 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
         horizon_s=args.horizon,
         max_versions=args.max_versions,
         wire_quantization=args.wire,
+        wire_codec=args.codec,
         delta_rank=args.delta_rank,
         delta_feedback=not args.no_delta_feedback,
         optimizer=args.optimizer,
@@ -255,10 +262,13 @@ def simulate_main(args: argparse.Namespace, accuracy: AccuracyHook | None = None
     )
     files = write_report(result, testbed, experiment.simulation, out)
     width = max(len(s.variant) for s in result.summaries)
-    print(f"{'variant':{width}}  final loss  worst device  time-to-target  Jain", flush=True)
+    print(f"{'variant':{width}}  final loss  late mean  worst device  time-to-target  Jain", flush=True)
     for s in result.summaries:
         ttt = f"{s.time_to_target_s:.0f} s" if s.time_to_target_s is not None else "—"
-        print(f"{s.variant:{width}}  {s.final_loss:10.4f}  {s.worst_device_loss:12.4f}  {ttt:>14}  {s.jain:.3f}")
+        print(
+            f"{s.variant:{width}}  {s.final_loss:10.4f}  {s.late_loss:9.4f}  {s.worst_device_loss:12.4f}  "
+            f"{ttt:>14}  {s.jain:.3f}"
+        )
     if files.plots_skipped:
         print(files.plots_skipped)
     print(f"report: {files.markdown}", flush=True)

@@ -40,6 +40,7 @@ import numpy as np
 
 from alignfed import protocol
 from alignfed.errors import ConfigError, RejectedUpdate
+from coordinator.ingest import IngestLimits
 from coordinator.strategies.base import AdapterState, ClientUpdate, Strategy
 from edge.daemon import compute_deltas
 from edge.data import Batch
@@ -62,6 +63,7 @@ class SimulationConfig:
     horizon_s: float = 3600.0  # virtual seconds to simulate
     max_versions: int = 0  # stop after this many aggregations (0: no limit)
     wire_quantization: str = "int8c"  # how update factors travel: "int8c" | "int8" | "fp32"
+    wire_codec: str = "deflate"  # envelope of each update: "deflate" | "none" (lossless)
     delta_rank: int = 0  # rank of the sent delta factors; 0 = exact (2r)
     delta_feedback: bool = True  # devices carry what compression drops into their next update
     poll_s: float = 1.0  # re-check `ready` this often while updates are buffered
@@ -81,6 +83,10 @@ class SimulationConfig:
             raise ConfigError(
                 f"simulation: wire_quantization must be one of {', '.join(protocol.QUANTIZATIONS)}, "
                 f"got {self.wire_quantization!r}"
+            )
+        if self.wire_codec not in protocol.CODECS:
+            raise ConfigError(
+                f"simulation: wire_codec must be one of {', '.join(protocol.CODECS)}, got {self.wire_codec!r}"
             )
         if self.delta_rank < 0:
             raise ConfigError(f"simulation: delta_rank must be ≥ 0, got {self.delta_rank}")
@@ -314,7 +320,7 @@ class Simulation:
         _, payload = self._train_round(dev, base, now, train_s)
         upload_s = self.cfg.timing.upload_s(p, len(payload))
         arrive = now + train_s + upload_s
-        decoded = protocol.decode_update(payload, len(payload)).update  # what the coordinator sees
+        decoded = protocol.decode_update(payload, IngestLimits().max_payload_bytes).update  # what the coordinator sees
         client = ClientUpdate.from_message(decoded, arrive)
         self.queue.push(arrive, _Arrive(dev.device.device_id, client, len(payload), train_s + upload_s))
         dev.last_base = base.version
@@ -343,7 +349,7 @@ class Simulation:
             created_at=now + train_s,
             deltas=deltas,
         )
-        return update, protocol.encode_update(update, dev.key, self.cfg.wire_quantization)
+        return update, protocol.encode_update(update, dev.key, self.cfg.wire_quantization, self.cfg.wire_codec)
 
     def _batches(self, dev: _DeviceState, steps: int) -> Iterator[Batch]:
         """Random batches of the device's examples, from its own seeded stream (as edge.data.Batcher)."""

@@ -3,6 +3,9 @@
 - time-to-target: the first virtual time at which the mean held-out eval loss is ≤ the target.
 - final / worst-device loss: of the last global version (worst device = the largest mix of domain
   losses in the proportions of a device's own data).
+- late mean loss: the mean eval loss over the evaluations of the run's second half (t ≥ T/2, T the
+  last evaluation's time). Asynchronous curves move by a few percent between evaluations once
+  they flatten; one point is a noisy measure of where a run ended, the second half's mean less so.
 - Jain's index of contributions: over every device of the fleet (those that never contributed
   count as 0) of the summed aggregation weights their updates received.
 - staleness: τ = version aggregated on − base version, for every update folded in.
@@ -98,6 +101,7 @@ class Summary:
     variant: str
     time_to_target_s: float | None
     final_loss: float
+    late_loss: float
     worst_device_loss: float
     accuracy: float | None
     jain: float
@@ -118,6 +122,7 @@ class Summary:
             "variant": self.variant,
             "time-to-target (s)": num(self.time_to_target_s, ".0f"),
             "final eval loss": num(self.final_loss, ".4f"),
+            "late mean loss": num(self.late_loss, ".4f"),
             "worst-device loss": num(self.worst_device_loss, ".4f"),
             "accuracy": num(self.accuracy, ".3f"),
             "Jain's index": num(self.jain, ".3f"),
@@ -131,6 +136,14 @@ class Summary:
         }
 
 
+def late_mean(curve: Sequence[EvalPoint]) -> float:
+    """Mean eval loss over the evaluations at t ≥ T/2, T the last evaluation's time (nan if none)."""
+    if not curve:
+        return math.nan
+    half = curve[-1].time / 2
+    return float(np.mean([p.mean for p in curve if p.time >= half]))
+
+
 def summarize(run: RunResult, target: float | None) -> Summary:
     last = run.curve[-1] if run.curve else None
     taus = run.staleness
@@ -139,6 +152,7 @@ def summarize(run: RunResult, target: float | None) -> Summary:
         variant=run.variant,
         time_to_target_s=time_to_target(run.curve, target),
         final_loss=last.mean if last else math.nan,
+        late_loss=late_mean(run.curve),
         worst_device_loss=last.worst_device if last else math.nan,
         accuracy=run.accuracy[-1].accuracy if run.accuracy else None,
         jain=jain_index(contributions(run).values()),

@@ -78,6 +78,7 @@ def results_csv(result: ExperimentResult) -> str:
             "variant",
             "time_to_target_s",
             "final_eval_loss",
+            "late_mean_loss",
             "worst_device_loss",
             "accuracy",
             "jain_index",
@@ -97,6 +98,7 @@ def results_csv(result: ExperimentResult) -> str:
                 s.variant,
                 _cell(s.time_to_target_s),
                 _cell(s.final_loss),
+                _cell(s.late_loss),
                 _cell(s.worst_device_loss),
                 _cell(s.accuracy),
                 _cell(s.jain),
@@ -169,6 +171,7 @@ def markdown(
         + ("; duty cycle honoured" if t.duty_cycle else ""),
         f"- wire: {simulation.wire_quantization} update factors"
         + (f" of rank {simulation.delta_rank}" if simulation.delta_rank else "")
+        + ("" if simulation.wire_codec == "none" else f", {simulation.wire_codec}d")
         + f"; optimizer moments reset every {simulation.optimizer}; seed {simulation.seed}",
         "",
         "## Results",

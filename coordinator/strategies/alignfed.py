@@ -55,7 +55,7 @@ class AlignFedConfig:
 
     k: int = 8  # aggregate after K buffered updates ...
     max_wait_s: float = 60.0  # ... or when the oldest has waited T seconds
-    tau_max: int = 8  # refuse updates more than tau_max versions behind
+    tau_max: int = 32  # refuse updates more than tau_max versions behind (docs/decisions.md §14)
     server_lr: float = 1.0  # η
     a: float = 0.5  # freshness exponent: (1 + τ)^(−a)
     gamma: float = 0.5  # sample exponent: n_i^γ

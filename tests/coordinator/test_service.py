@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from pathlib import Path
 
@@ -36,16 +37,28 @@ def coordinator(tmp_path: Path, bundle: Path, **strategy: object) -> Coordinator
     return c
 
 
-def update(bundle: Path, base_version: int, scale: float = 0.01) -> bytes:
+def update(bundle: Path, base_version: int, scale: float = 0.01, eval_loss: float = math.nan) -> bytes:
     m = load_manifest(bundle)
     deltas = {
         lid: Factors(u=np.full((o, 2), scale, np.float32), v=np.full((2, i), scale, np.float32))
         for lid, (o, i) in m.delta_shapes().items()
     }
     msg = protocol.AdapterUpdate(
-        "dev-1", uuid.uuid4().hex, 1, base_version, bundle_digest(m), 4, 1, 1.0, 0.1, "x86-laptop", 0.0, deltas
+        "dev-1",
+        uuid.uuid4().hex,
+        1,
+        base_version,
+        bundle_digest(m),
+        4,
+        1,
+        1.0,
+        0.1,
+        "x86-laptop",
+        0.0,
+        deltas,
+        eval_loss,
     )
-    return protocol.encode_update(msg, KEY)
+    return protocol.encode_update(msg, KEY, "int8c", "deflate")
 
 
 def test_resend_after_the_version_moved_on_is_answered_as_accepted(tmp_path: Path, tiny_bundle: Path) -> None:
@@ -69,6 +82,17 @@ def test_a_new_stale_update_is_still_rejected(tmp_path: Path, tiny_bundle: Path)
         c.maybe_aggregate()
     ack = c.handle_update("dev-1", update(tiny_bundle, 0))
     assert not ack.accepted and ack.reason.startswith("stale")
+
+
+def test_status_reports_the_worst_held_out_loss(tmp_path: Path, tiny_bundle: Path) -> None:
+    c = coordinator(tmp_path, tiny_bundle)
+    assert c.status()["worst_device_eval_loss"] is None
+    assert c.handle_update("dev-1", update(tiny_bundle, 0, eval_loss=4.5)).accepted
+    c.maybe_aggregate()
+    assert c.handle_update("dev-1", update(tiny_bundle, 1, eval_loss=4.25)).accepted
+    status = c.status()
+    assert status["device_eval_loss"] == {"dev-1": {"loss": 4.25, "version": 1}}
+    assert status["worst_device_eval_loss"] == 4.25
 
 
 def test_garbage_is_rejected_with_a_reason(tmp_path: Path, tiny_bundle: Path) -> None:

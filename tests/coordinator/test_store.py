@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +52,48 @@ def test_a_dense_residual_from_an_older_store_reads_back_as_exact_factors(tmp_pa
     store._db.execute("UPDATE versions SET residual = ? WHERE version = 1", (protocol.pack({"0.q": dense}, {}),))
     _, back = store.version(1)
     np.testing.assert_allclose(back["0.q"].dense(), dense, atol=1e-5)
+
+
+def _update(device: str, uid: str, base: int, eval_loss: float) -> protocol.AdapterUpdate:
+    return protocol.AdapterUpdate(
+        device_id=device,
+        update_id=uid,
+        seq=1,
+        base_version=base,
+        bundle="b",
+        samples=4,
+        local_steps=1,
+        train_loss=3.0,
+        wall_time=0.1,
+        profile="p",
+        created_at=0.0,
+        deltas={},
+        eval_loss=eval_loss,
+    )
+
+
+def test_newest_held_out_loss_per_device(tmp_path: Path) -> None:
+    store = Store(tmp_path / "c.sqlite")
+    store.record(_update("a", "1", 0, 2.5), b"x", 1.0, status="pending")
+    store.record(_update("a", "2", 1, 2.25), b"x", 2.0, status="pending")
+    store.record(_update("a", "3", 2, float("nan")), b"x", 3.0, status="pending")  # not measured: keep 2.25
+    store.record(_update("b", "1", 1, 3.5), b"x", 2.5, status="pending")
+    store.record(_update("b", "2", 0, 9.0), b"", 4.0, status="rejected", reason="stale")
+    assert store.last_eval_losses() == {"a": (2.25, 1), "b": (3.5, 1)}
+
+
+def test_a_store_from_before_eval_losses_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE updates DROP COLUMN eval_loss")  # the schema older coordinators wrote
+    db.execute(
+        "INSERT INTO updates (device_id, update_id, seq, base_version, samples, train_loss, received_at, status, "
+        "bytes) VALUES ('a', '1', 1, 0, 4, 3.0, 1.0, 'aggregated', 10)"
+    )
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.last_losses() == {"a": 3.0} and store.last_eval_losses() == {}
+    store.record(_update("a", "2", 1, 2.0), b"x", 2.0, status="pending")
+    assert store.last_eval_losses() == {"a": (2.0, 1)}

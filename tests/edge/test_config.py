@@ -29,6 +29,7 @@ def test_loads_with_defaults(tmp_path: Path) -> None:
         cfg.profile.name == "rpi5-8gb"
         and cfg.max_outbox == 64
         and cfg.wire_quantization == "int8c"
+        and cfg.wire_codec == "deflate"
         and cfg.delta_feedback
     )
 
@@ -39,6 +40,7 @@ def test_loads_with_defaults(tmp_path: Path) -> None:
         ("max_outbox", 0, "max_outbox = 0; expected a value ≥ 1"),
         ("resend_after_s", "soon", "resend_after_s = 'soon'; expected a float"),
         ("wire_quantization", "int4", "expected one of fp32, int8, int8c"),
+        ("wire_codec", "zstd", "wire_codec = 'zstd'; expected one of none, deflate"),
         ("key", "xyz", "must be hex"),
         ("device_id", "a/b", "device id 'a/b' is not valid"),
     ],

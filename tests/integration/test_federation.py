@@ -46,7 +46,7 @@ def test_three_devices_federate(tmp_path: Path, broker: Mosquitto, tiny_bundle: 
     wires = [  # every wire format, and a truncated delta with device-side error feedback
         {"wire_quantization": "int8"},
         {"wire_quantization": "int8c", "delta_rank": 2},
-        {"wire_quantization": "fp32"},
+        {"wire_quantization": "fp32", "wire_codec": "none"},
     ]
     specs = [
         DeviceSpec(
@@ -77,6 +77,9 @@ def test_three_devices_federate(tmp_path: Path, broker: Mosquitto, tiny_bundle: 
         for d in fed.device_configs:
             assert stats[d]["aggregated"] + stats[d]["pending"] >= 1, stats  # every device contributed
             assert stats[d]["rejected"] == 0, stats
+        # every device measured the global adapters it trained from on its own held-out examples
+        evals = store.last_eval_losses()
+        assert set(evals) == set(fed.device_configs) and all(np.isfinite(x) and x > 0 for x, _ in evals.values())
 
         # The retained global adapter a newcomer receives is exactly the newest version in SQLite.
         watcher = Transport(BrokerConfig(broker.url), "watcher-" + uuid.uuid4().hex[:6], clean_session=True)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -80,19 +82,21 @@ def updates(draw: st.DrawFn) -> protocol.AdapterUpdate:
         profile=draw(names),
         created_at=draw(finite),
         deltas=deltas,
+        eval_loss=draw(st.one_of(st.just(float("nan")), finite)),
     )
 
 
 @settings(max_examples=60, deadline=None)
-@given(updates(), st.sampled_from(["fp32", "int8", "int8c"]))
-def test_update_round_trip(update: protocol.AdapterUpdate, quant: str) -> None:
-    decoded = protocol.decode_update(protocol.encode_update(update, KEY, quant), max_bytes=1 << 24)
+@given(updates(), st.sampled_from(["fp32", "int8", "int8c"]), st.sampled_from(protocol.CODECS))
+def test_update_round_trip(update: protocol.AdapterUpdate, quant: str, codec: str) -> None:
+    decoded = protocol.decode_update(protocol.encode_update(update, KEY, quant, codec), max_bytes=1 << 24)
     got = decoded.update
     assert decoded.verify(KEY) and not decoded.verify(b"other key")
     for name in ("device_id", "update_id", "seq", "base_version", "bundle", "samples", "local_steps", "profile"):
         assert getattr(got, name) == getattr(update, name)
     for name in ("train_loss", "wall_time", "created_at"):
         assert getattr(got, name) == getattr(update, name)
+    assert got.eval_loss == update.eval_loss or (math.isnan(got.eval_loss) and math.isnan(update.eval_loss))
     assert set(got.deltas) == set(update.deltas)
     for lid, f in update.deltas.items():
         if quant == "fp32":
@@ -121,6 +125,49 @@ def test_int8c_sends_k_scales_for_u_and_is_smaller() -> None:
     assert np.abs(got["int8c"][:, 3] - u[:, 3]).max() < 0.1 * np.abs(got["int8"][:, 3] - u[:, 3]).max()
 
 
+def svd_like_update() -> protocol.AdapterUpdate:
+    """An update shaped like a real one: per layer u = U·sqrt(σ) (out, 8), v = sqrt(σ)·Vᵀ (8, in)."""
+    rng = np.random.default_rng(3)
+    deltas = {}
+    for i in range(4):
+        for module, out in (("q", 96), ("v", 32)):
+            u_, _ = np.linalg.qr(rng.standard_normal((out, 8)))
+            v_, _ = np.linalg.qr(rng.standard_normal((96, 8)))
+            root = np.sqrt(np.sort(rng.gamma(1.0, 1.0, 8))[::-1])
+            deltas[f"{i}.{module}"] = Factors(u=(u_ * root).astype(np.float32), v=(v_ * root).T.astype(np.float32))
+    return dataclasses.replace(golden_update(), deltas=deltas)
+
+
+def test_deflated_update_is_smaller_and_decodes_to_the_same_update() -> None:
+    update = svd_like_update()
+    plain, packed = (protocol.encode_update(update, KEY, "int8c", codec) for codec in ("none", "deflate"))
+    assert packed[:4] == b"AFZ1" and len(packed) < 0.95 * len(plain)
+    a, b = (protocol.decode_update(p, 1 << 20) for p in (plain, packed))
+    assert a.digest == b.digest and a.update.signature == b.update.signature and b.verify(KEY)
+    for lid in update.deltas:
+        assert a.update.deltas[lid].u.tobytes() == b.update.deltas[lid].u.tobytes()
+        assert a.update.deltas[lid].v.tobytes() == b.update.deltas[lid].v.tobytes()
+
+
+def test_deflated_payload_is_bounded_and_checked() -> None:
+    packed = protocol.encode_update(svd_like_update(), KEY, "int8c", "deflate")
+    inflated = len(zlib.decompress(packed[4:]))
+    with pytest.raises(ProtocolError, match=f"more than the {inflated - 1}-byte limit"):
+        protocol.decode_update(packed, max_bytes=inflated - 1)  # the payload fits, what it inflates to not
+    assert protocol.decode_update(packed, max_bytes=inflated).verify(KEY)
+    with pytest.raises(ProtocolError, match="truncated"):
+        protocol.decode_update(packed[:-7], max_bytes=1 << 20)
+    with pytest.raises(ProtocolError, match="3 bytes after its zlib stream"):
+        protocol.decode_update(packed + b"xyz", max_bytes=1 << 20)
+    with pytest.raises(ProtocolError, match="corrupt"):
+        protocol.decode_update(b"AFZ1" + b"\x00" * 64, max_bytes=1 << 20)
+    bomb = b"AFZ1" + zlib.compress(b"\0" * (1 << 22), 9)  # 4 MiB of zeros in ~4 kB
+    with pytest.raises(ProtocolError, match="more than the 1048576-byte limit"):
+        protocol.decode_update(bomb, max_bytes=1 << 20)
+    with pytest.raises(ProtocolError, match="unknown codec 'zstd'"):
+        protocol.encode_update(svd_like_update(), KEY, "int8c", "zstd")
+
+
 def test_global_round_trip() -> None:
     rng = np.random.default_rng(0)
     g = protocol.GlobalAdapter(
@@ -141,6 +188,20 @@ def test_global_round_trip() -> None:
     assert (got.version, got.parent_version, got.rank, got.alpha, got.strategy) == (5, 4, 4, 8.0, "fedbuff")
     assert got.metrics == g.metrics
     np.testing.assert_array_equal(got.tensors["lora.0.q.A"], g.tensors["lora.0.q.A"])
+
+
+def test_eval_loss_is_optional_signed_and_checked() -> None:
+    plain = protocol.encode_update(golden_update(), KEY)
+    assert "eval_loss" not in unpack(plain, 1 << 20)[1]  # nan: not on the wire, old receivers unaffected
+    assert math.isnan(protocol.decode_update(plain, 1 << 20).update.eval_loss)
+    measured = protocol.encode_update(dataclasses.replace(golden_update(), eval_loss=2.75), KEY)
+    decoded = protocol.decode_update(measured, 1 << 20)
+    assert decoded.update.eval_loss == 2.75 and decoded.verify(KEY)
+    tensors, meta = unpack(measured, 1 << 20)
+    forged = protocol.decode_update(protocol.pack(tensors, {**meta, "eval_loss": "0.5"}), 1 << 20)
+    assert forged.update.eval_loss == 0.5 and not forged.verify(KEY)  # the signature covers it
+    with pytest.raises(ProtocolError, match="header field 'eval_loss'='low' is not a float"):
+        protocol.decode_update(protocol.pack(tensors, {**meta, "eval_loss": "low"}), 1 << 20)
 
 
 def test_tampered_payload_fails_signature() -> None:

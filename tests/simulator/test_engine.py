@@ -136,6 +136,10 @@ def test_bytes_are_counted_from_encoded_messages(testbed: Testbed) -> None:
     fp32_run = _run(testbed, wire_quantization="fp32")
     fp32 = next(e.bytes for e in fp32_run.events if e.kind == "arrive")
     assert int8 is not None and fp32 is not None and fp32 > 2 * int8
+    plain_run = _run(testbed, wire_codec="none")  # the same updates, not deflated
+    plain = [e.bytes or 0 for e in plain_run.events if e.kind == "arrive"]
+    deflated = [e.bytes or 0 for e in run.events if e.kind == "arrive"]
+    assert len(plain) == len(deflated) and all(d < p for d, p in zip(deflated, plain, strict=True))
 
 
 def test_event_queue_is_fifo_on_ties_and_refuses_the_past() -> None:
@@ -153,6 +157,8 @@ def test_config_errors_name_the_field() -> None:
         make_sim_config(horizon_s=0.0)
     with pytest.raises(ConfigError, match="wire_quantization"):
         make_sim_config(wire_quantization="int4")
+    with pytest.raises(ConfigError, match="wire_codec must be one of none, deflate, got 'zstd'"):
+        make_sim_config(wire_codec="zstd")
 
 
 class _SlowDownlink(Timing):
