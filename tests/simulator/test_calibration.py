@@ -96,3 +96,23 @@ def test_errors_name_what_was_expected(tiny_bundle: Path, tmp_path: Path) -> Non
     del partial["lora.1.v.B"]
     with pytest.raises(ValueError, match=r"lora\.1\.v\.B"):
         runner.activations(AdapterState(version=0, tensors=partial, scale=2.0, rank=4))
+
+
+def test_examples_are_packed_without_padding(runner: CalibrationRunner) -> None:
+    labels = runner.batch.labels
+    padding = int(np.sum(labels == -100))
+    assert padding < labels.shape[1]  # only the tail of the last row
+    assert np.all(labels[:-1] != -100)
+    assert labels.size - padding >= 2 * runner.tokens  # OVERSAMPLE × tokens positions to draw from
+
+
+def test_pruned_activations_equal_the_whole_graphs(runner: CalibrationRunner, tiny_bundle: Path) -> None:
+    state = _state(tiny_bundle, 2, 0.2, seed=1)
+    feeds = {"input_ids": runner.batch.input_ids, "labels": runner.batch.labels}
+    feeds.update({k: np.asarray(v, np.float32) for k, v in state.tensors.items()})
+    names = [o.name for o in runner._session.get_outputs() if o.name.startswith("act.")]
+    whole = dict(zip(names, runner._session.run([*names, "loss"], feeds)[:-1], strict=True))
+    pruned = runner.activations(state)
+    for lid, x in pruned.items():
+        flat = whole[f"act.{lid}"].reshape(-1, x.shape[1])
+        np.testing.assert_array_equal(x, flat[runner._rows])
