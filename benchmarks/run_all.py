@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_server.py", "bench_export.py")
+SCRIPTS = ("bench_server.py", "bench_calibration.py", "bench_export.py")
 
 
 def main() -> int:
