@@ -173,7 +173,9 @@ class AdapterUpdate:
     profile: str
     created_at: float
     deltas: Mapping[str, Factors]
-    eval_loss: float = math.nan  # base_version's loss on the device's held-out examples (nan: not measured)
+    eval_loss: float = (
+        math.nan
+    )  # base_version's loss on the device's held-out examples (nan: not measured, inf: diverged)
     quantization: str = "fp32"
     signature: str = ""
 
@@ -236,7 +238,7 @@ def _update_wire(update: AdapterUpdate, quantization: str) -> tuple[dict[str, st
         for name, typ in _UPDATE_FIELDS.items()
     }
     meta.update({"type": "adapter_update", "wire": WIRE_VERSION, "quantization": quantization})
-    if math.isfinite(update.eval_loss):  # optional: absent when the device holds nothing out
+    if not math.isnan(update.eval_loss):  # optional: absent when the device holds nothing out; inf = diverged
         meta["eval_loss"] = repr(float(update.eval_loss))
     tensors: dict[str, np.ndarray] = {}
     for lid, f in update.deltas.items():

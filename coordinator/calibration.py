@@ -63,11 +63,11 @@ def calibration_batch(
 ) -> Batch:
     """One fixed batch (B ≤ max_examples rows, seq_len) of shuffled examples packed end to end.
 
-    Each example keeps its EOS, so consecutive examples are separated as in pre-training; rows are
-    filled until they hold ≥ OVERSAMPLE × tokens positions (fewer only when the data or
-    `max_examples` runs out). Packing leaves no padding to compute: with one example per row,
-    short examples made padding most of the batch (1344 positions for 512 tokens on the built-in
-    corpora at seq_len 64).
+    Examples are cut to seq_len tokens as devices cut them; those that fit keep their EOS, which
+    separates them from the next as in pre-training. Rows are filled until they hold ≥ OVERSAMPLE ×
+    tokens positions (fewer only when the data or `max_examples` runs out). Packing leaves no
+    padding to compute: with one example per row, short examples made padding most of the batch
+    (1344 positions for 512 tokens on the built-in corpora at seq_len 64).
     """
     _check_tokens(tokens)
     batcher = Batcher(list(texts), tokenizer, batch=1, seq_len=seq_len, eos_id=eos_id, seed=seed)

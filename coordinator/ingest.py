@@ -26,6 +26,18 @@ class IngestLimits:
     tau_max: int = 32  # staleness bound in versions (docs/decisions.md §14)
 
 
+def payload_limit(limits: IngestLimits, manifest: Manifest) -> int:
+    """The most bytes an update of this bundle may take, on the wire or inflated.
+
+    The largest valid update sends every layer's exact delta in float32 (k = 2r, u and v plus int8
+    scales at most) under a header of at most MAX_HEADER_BYTES; nothing bigger is decoded, so a
+    small deflated payload cannot make the coordinator inflate up to `max_payload_bytes`.
+    """
+    k = 2 * manifest.lora.rank
+    data = sum(4 * k * (out + inp) + 4 * (out + k) for out, inp in manifest.delta_shapes().values())
+    return min(limits.max_payload_bytes, 8 + protocol.MAX_HEADER_BYTES + data)
+
+
 def frobenius(f: Factors) -> float:
     """‖U V‖_F without forming U V: sqrt(trace((UᵀU)(V Vᵀ))); U (out, k), V (k, in)."""
     u = f.u.astype(np.float64)
@@ -46,13 +58,15 @@ def validate(
 ) -> protocol.AdapterUpdate:
     """Decode and check one update published on `devices/{device_id}/update`."""
     try:
-        decoded = protocol.decode_update(payload, limits.max_payload_bytes)
+        decoded = protocol.decode_update(payload, payload_limit(limits, manifest))
     except ProtocolError as exc:
         raise RejectedUpdate(f"malformed: {exc}") from exc
     update = decoded.update
     for name in ("train_loss", "wall_time", "created_at"):
         if not math.isfinite(getattr(update, name)):
             raise RejectedUpdate(f"header field {name} is {getattr(update, name)!r}; expected a finite number")
+    if update.eval_loss < 0:
+        raise RejectedUpdate(f"header field eval_loss is {update.eval_loss!r}; expected a loss ≥ 0")
     if update.device_id != device_id:
         raise RejectedUpdate(f"device id {update.device_id!r} in the header does not match topic device {device_id!r}")
     key = key_of(device_id)

@@ -8,6 +8,7 @@ steps so that a crash at any point loses nothing (see `store`).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -26,7 +27,7 @@ from alignfed.transport import Message, Transport
 from coordinator import strategies
 from coordinator.config import CoordinatorConfig
 from coordinator.fairness import jain_index
-from coordinator.ingest import validate
+from coordinator.ingest import payload_limit, validate
 from coordinator.store import Store
 from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate, Strategy
 
@@ -57,6 +58,7 @@ class Coordinator:
         self.cfg = cfg
         self.topics = Topics(cfg.federation)
         self.manifest = mf.load(cfg.bundle)
+        self._payload_limit = payload_limit(cfg.limits, self.manifest)
         mf.verify(cfg.bundle, self.manifest)
         self.bundle = mf.bundle_digest(self.manifest)
         self.store = Store(cfg.database)
@@ -137,7 +139,7 @@ class Coordinator:
         self._restore_history()
         restored = 0
         for payload, received_at in self.store.pending():
-            update = protocol.decode_update(payload, self.cfg.limits.max_payload_bytes).update
+            update = protocol.decode_update(payload, self._payload_limit).update
             try:
                 self.strategy.add(ClientUpdate.from_message(update, received_at), self.current.version)
                 restored += 1
@@ -153,7 +155,7 @@ class Coordinator:
         current version may have moved past tau_max since the first copy was accepted."""
         key = self.store.device_key(device_id)
         try:
-            decoded = protocol.decode_update(payload, self.cfg.limits.max_payload_bytes)
+            decoded = protocol.decode_update(payload, self._payload_limit)
         except ProtocolError:
             return None
         if key is None or decoded.update.device_id != device_id or not decoded.verify(key):
@@ -184,7 +186,7 @@ class Coordinator:
             log.warning("rejected update from %s: %s", device_id, exc.reason)
             return protocol.Ack(
                 device_id,
-                _update_id_of(payload, self.cfg.limits.max_payload_bytes),
+                _update_id_of(payload, self._payload_limit),
                 False,
                 exc.reason,
                 self.current.version,
@@ -252,8 +254,15 @@ class Coordinator:
             "device_train_loss": losses,
             "worst_device_train_loss": max(losses.values()) if losses else None,
             # each device's loss of the global adapter it last trained from, on its own held-out examples
-            "device_eval_loss": {d: {"loss": loss, "version": v} for d, (loss, v) in sorted(evals.items())},
-            "worst_device_eval_loss": max(loss for loss, _ in evals.values()) if evals else None,
+            # (strict JSON has no Infinity: a diverged device shows loss null and is listed apart)
+            "device_eval_loss": {
+                d: {"loss": loss if math.isfinite(loss) else None, "version": v}
+                for d, (loss, v) in sorted(evals.items())
+            },
+            "worst_device_eval_loss": max(finite)
+            if (finite := [x for x, _ in evals.values() if math.isfinite(x)])
+            else None,
+            "diverged_devices": sorted(d for d, (loss, _) in evals.items() if not math.isfinite(loss)),
         }
 
     def status(self) -> dict[str, Any]:
@@ -283,7 +292,7 @@ class Coordinator:
             log.exception("update from %s could not be handled", device_id)
             ack = protocol.Ack(
                 device_id,
-                _update_id_of(msg.payload, self.cfg.limits.max_payload_bytes),
+                _update_id_of(msg.payload, self._payload_limit),
                 False,
                 f"internal error: {exc}",
                 self.current.version,

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS updates (
     PRIMARY KEY (device_id, update_id)
 );
 CREATE INDEX IF NOT EXISTS updates_status ON updates(status);
+CREATE INDEX IF NOT EXISTS updates_device_time ON updates(device_id, received_at);
 """
 
 
@@ -203,7 +204,7 @@ class Store:
                     update.base_version,
                     update.samples,
                     update.train_loss,
-                    update.eval_loss if math.isfinite(update.eval_loss) else None,
+                    None if math.isnan(update.eval_loss) else update.eval_loss,  # inf: diverged
                     received_at,
                     status,
                     reason,
@@ -248,17 +249,16 @@ class Store:
 
     def last_eval_losses(self) -> dict[str, tuple[float, int]]:
         """Each device's newest measured held-out loss: (loss, the global version it was measured on)."""
+        # SQLite takes the bare columns of a MAX() aggregate from the row holding the maximum.
         rows = self._db.execute(
-            "SELECT device_id, eval_loss, base_version FROM updates u WHERE status != 'rejected' "
-            "AND eval_loss IS NOT NULL AND received_at = (SELECT MAX(received_at) FROM updates v "
-            "WHERE v.device_id = u.device_id AND v.status != 'rejected' AND v.eval_loss IS NOT NULL)"
+            "SELECT device_id, eval_loss, base_version, MAX(received_at) FROM updates "
+            "WHERE status != 'rejected' AND eval_loss IS NOT NULL GROUP BY device_id"
         )
-        return {str(d): (float(loss), int(v)) for d, loss, v in rows}
+        return {str(d): (float(loss), int(v)) for d, loss, v, _ in rows}
 
     def last_losses(self) -> dict[str, float]:
         """Each device's training loss in its newest accepted update."""
         rows = self._db.execute(
-            "SELECT device_id, train_loss FROM updates u WHERE status != 'rejected' AND received_at = "
-            "(SELECT MAX(received_at) FROM updates v WHERE v.device_id = u.device_id AND v.status != 'rejected')"
+            "SELECT device_id, train_loss, MAX(received_at) FROM updates WHERE status != 'rejected' GROUP BY device_id"
         )
-        return {str(d): float(loss) for d, loss in rows}
+        return {str(d): float(loss) for d, loss, _ in rows}

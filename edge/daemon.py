@@ -27,7 +27,7 @@ from alignfed.errors import AlignFedError, ProtocolError, TrainingError
 from alignfed.topics import Topics
 from alignfed.transport import Transport
 from edge.config import DeviceConfig
-from edge.data import Batch, Batcher, hold_out, load_texts
+from edge.data import IGNORE, Batch, Batcher, hold_out, load_texts
 from edge.outbox import Outbox
 from edge.trainer import Trainer
 from edge.uplink import Uplink
@@ -288,8 +288,10 @@ class EdgeDaemon:
         """Token-weighted mean loss of the loaded adapter on the held-out examples (nan: none held out)."""
         if not self.held_out:
             return math.nan
-        losses = [(self.trainer.eval_loss(b), b.tokens) for b in self.held_out]
-        return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+        # The loss averages over predicted positions: every label but each row's first.
+        losses = [(self.trainer.eval_loss(b), int(np.sum(b.labels[:, 1:] != IGNORE))) for b in self.held_out]
+        mean = sum(loss * n for loss, n in losses) / max(sum(n for _, n in losses), 1)
+        return mean if math.isfinite(mean) else math.inf  # a diverged model is measured, not "not measured"
 
     def publish(self, update: protocol.AdapterUpdate) -> None:
         """PUBLISH: outbox first (durable), then MQTT; the ack deletes it."""

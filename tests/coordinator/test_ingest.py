@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import zlib
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from alignfed import protocol
 from alignfed.errors import RejectedUpdate
 from alignfed.lowrank import Factors
 from alignfed.manifest import Architecture, LoraLayout, Manifest
-from coordinator.ingest import IngestLimits, frobenius, validate
+from coordinator.ingest import IngestLimits, frobenius, payload_limit, validate
 
 KEY = b"k" * 32
 ARCH = Architecture("llama", 2, 16, 32, 4, 2, 50, 64, 10000.0, 1e-5, False)
@@ -147,3 +149,18 @@ def test_frobenius_matches_dense() -> None:
 def test_non_finite_header_numbers(field: str) -> None:
     payload = protocol.encode_update(make_update(**{field: float("nan")}), KEY)
     assert f"header field {field} is nan" in reason(payload)
+
+
+def test_deflated_payloads_inflate_at_most_to_the_bundles_largest_update() -> None:
+    limit = payload_limit(DEFAULT_LIMITS, MANIFEST)
+    assert limit < DEFAULT_LIMITS.max_payload_bytes
+    exact = protocol.encode_update(make_update(), KEY, "fp32", "deflate")  # the largest kind there is
+    assert check(exact).update_id == "u1"
+    bomb = b"AFZ1" + zlib.compress(b"\0" * (limit + 1), 9)  # small on the wire, too big inflated
+    assert len(bomb) < limit
+    assert f"more than the {limit}-byte limit" in reason(bomb)
+
+
+def test_eval_loss_must_be_a_loss() -> None:
+    assert "eval_loss is -1.0; expected a loss ≥ 0" in reason(protocol.encode_update(make_update(eval_loss=-1.0), KEY))
+    assert check(protocol.encode_update(make_update(eval_loss=math.inf), KEY)).eval_loss == math.inf  # diverged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from pathlib import Path
@@ -92,7 +93,13 @@ def test_status_reports_the_worst_held_out_loss(tmp_path: Path, tiny_bundle: Pat
     assert c.handle_update("dev-1", update(tiny_bundle, 1, eval_loss=4.25)).accepted
     status = c.status()
     assert status["device_eval_loss"] == {"dev-1": {"loss": 4.25, "version": 1}}
-    assert status["worst_device_eval_loss"] == 4.25
+    assert status["worst_device_eval_loss"] == 4.25 and status["diverged_devices"] == []
+    c.maybe_aggregate()
+    assert c.handle_update("dev-1", update(tiny_bundle, 2, eval_loss=math.inf)).accepted  # the model diverged
+    status = c.status()
+    assert status["device_eval_loss"] == {"dev-1": {"loss": None, "version": 2}}
+    assert status["worst_device_eval_loss"] is None and status["diverged_devices"] == ["dev-1"]
+    json.dumps(status, allow_nan=False)  # strict JSON
 
 
 def test_garbage_is_rejected_with_a_reason(tmp_path: Path, tiny_bundle: Path) -> None:

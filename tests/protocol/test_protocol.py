@@ -82,7 +82,7 @@ def updates(draw: st.DrawFn) -> protocol.AdapterUpdate:
         profile=draw(names),
         created_at=draw(finite),
         deltas=deltas,
-        eval_loss=draw(st.one_of(st.just(float("nan")), finite)),
+        eval_loss=draw(st.one_of(st.just(float("nan")), st.just(float("inf")), finite)),
     )
 
 

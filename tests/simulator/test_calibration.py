@@ -11,7 +11,7 @@ import pytest
 from alignfed import manifest as mf
 from alignfed.errors import ConfigError
 from coordinator.alignment import ActivationSource
-from coordinator.calibration import CalibrationRunner
+from coordinator.calibration import CalibrationRunner, calibration_batch
 from coordinator.service import initial_adapter
 from coordinator.strategies.base import AdapterState
 
@@ -116,3 +116,15 @@ def test_pruned_activations_equal_the_whole_graphs(runner: CalibrationRunner, ti
     for lid, x in pruned.items():
         flat = whole[f"act.{lid}"].reshape(-1, x.shape[1])
         np.testing.assert_array_equal(x, flat[runner._rows])
+
+
+def test_packing_stops_at_max_examples_or_when_the_data_runs_out(tiny_bundle: Path) -> None:
+    m = mf.load(tiny_bundle)
+    tok, eos = tiny_bundle / mf.TOKENIZER, int(m.tokenizer.get("eos_id", 0))
+    texts = [f"sensor {i} reports a quiet river at dawn." for i in range(40)]
+    capped = calibration_batch(texts, tok, eos_id=eos, tokens=10_000, seq_len=16, max_examples=3)
+    assert capped.input_ids.shape == (3, 16) and np.all(capped.labels != -100)  # 3 full rows
+    few = calibration_batch(texts[:3], tok, eos_id=eos, tokens=10_000, seq_len=48, max_examples=64)
+    held = int(np.sum(few.labels != -100))
+    assert few.input_ids.shape[0] == -(-held // 48) and held < few.labels.size  # all of it, last row partial
+    assert np.all(few.labels[:-1] != -100)
