@@ -256,8 +256,8 @@ class EdgeDaemon:
         """TRAIN: local steps from `base`; returns the update (not yet published)."""
         p = self.cfg.profile
         self.trainer.load_adapter(base.tensors)
-        start = time.monotonic()
         eval_loss = self.evaluate()  # of `base`, on data this device never trains on
+        start = time.monotonic()  # wall_time is the training's alone
         losses = []
         batches = iter(self.batcher)
         for _ in range(p.local_steps):

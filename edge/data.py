@@ -68,14 +68,18 @@ def load_texts(path: Path) -> list[str]:
 def hold_out(texts: list[str], n: int, seed: int) -> tuple[list[str], list[str]]:
     """(training texts, held-out texts): n examples drawn (seeded) to measure global adapters on.
 
-    At most a fifth of the data is held out, so a device with little data still trains on most
-    of it; a device with fewer than 5 examples holds out none.
+    At most a fifth of the distinct examples is held out, so a device with little data still trains
+    on most of it; a device with fewer than 5 holds out none. Every copy of a held-out example
+    leaves the training set, so a duplicate cannot leak it back.
     """
-    k = min(n, len(texts) // 5)
+    distinct = list(dict.fromkeys(texts))  # first-seen order
+    k = min(n, len(distinct) // 5)
     if k <= 0:
         return list(texts), []
-    held = set(np.random.default_rng(seed).choice(len(texts), size=k, replace=False).tolist())
-    return [t for i, t in enumerate(texts) if i not in held], [texts[i] for i in sorted(held)]
+    picked = np.random.default_rng(seed).choice(len(distinct), size=k, replace=False)
+    held = [distinct[i] for i in sorted(picked.tolist())]
+    out = set(held)
+    return [t for t in texts if t not in out], held
 
 
 @dataclass(frozen=True, slots=True)
