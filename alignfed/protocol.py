@@ -173,9 +173,8 @@ class AdapterUpdate:
     profile: str
     created_at: float
     deltas: Mapping[str, Factors]
-    eval_loss: float = (
-        math.nan
-    )  # base_version's loss on the device's held-out examples (nan: not measured, inf: diverged)
+    # base_version's loss on the device's held-out examples (nan: not measured, inf: diverged)
+    eval_loss: float = math.nan
     quantization: str = "fp32"
     signature: str = ""
 

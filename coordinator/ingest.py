@@ -39,10 +39,8 @@ def payload_limit(limits: IngestLimits, manifest: Manifest) -> int:
 
 
 def frobenius(f: Factors) -> float:
-    """‖U V‖_F without forming U V: sqrt(trace((UᵀU)(V Vᵀ))); U (out, k), V (k, in)."""
-    u = f.u.astype(np.float64)
-    v = f.v.astype(np.float64)
-    return math.sqrt(max(float(np.sum((u.T @ u) * (v @ v.T))), 0.0))
+    """‖U V‖_F without forming U V; U (out, k), V (k, in)."""
+    return math.sqrt(max(f.squared_norm(), 0.0))
 
 
 def validate(

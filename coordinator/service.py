@@ -245,6 +245,7 @@ class Coordinator:
         total = sum(accepted.values()) or 1
         losses = self.store.last_losses()
         evals = self.store.last_eval_losses()
+        finite = [loss for loss, _ in evals.values() if math.isfinite(loss)]
         return {
             "accepted_share": {d: n / total for d, n in sorted(accepted.items())},
             "jain_index": jain_index(accepted.values()),
@@ -259,9 +260,7 @@ class Coordinator:
                 d: {"loss": loss if math.isfinite(loss) else None, "version": v}
                 for d, (loss, v) in sorted(evals.items())
             },
-            "worst_device_eval_loss": max(finite)
-            if (finite := [x for x, _ in evals.values() if math.isfinite(x)])
-            else None,
+            "worst_device_eval_loss": max(finite) if finite else None,
             "diverged_devices": sorted(d for d, (loss, _) in evals.items() if not math.isfinite(loss)),
         }
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from alignfed import protocol
 from alignfed.errors import ConfigError, RejectedUpdate
-from coordinator.ingest import IngestLimits
+from coordinator.ingest import IngestLimits, payload_limit
 from coordinator.strategies.base import AdapterState, ClientUpdate, Strategy
 from edge.daemon import compute_deltas
 from edge.data import Batch
@@ -201,6 +201,7 @@ class Simulation:
         self.strategy = strategy
         self.tb = testbed
         self.cfg = config
+        self._payload_limit = payload_limit(IngestLimits(), testbed.manifest)  # as the coordinator decodes
         self.synchronous = strategy.name == "fedavg" if synchronous is None else synchronous
         self.history = history if history is not None else VersionHistory(testbed.initial)
         self._in_flight: Counter[int] = Counter()  # global versions still downloading, by version
@@ -320,7 +321,7 @@ class Simulation:
         _, payload = self._train_round(dev, base, now, train_s)
         upload_s = self.cfg.timing.upload_s(p, len(payload))
         arrive = now + train_s + upload_s
-        decoded = protocol.decode_update(payload, IngestLimits().max_payload_bytes).update  # what the coordinator sees
+        decoded = protocol.decode_update(payload, self._payload_limit).update  # what the coordinator sees
         client = ClientUpdate.from_message(decoded, arrive)
         self.queue.push(arrive, _Arrive(dev.device.device_id, client, len(payload), train_s + upload_s))
         dev.last_base = base.version

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
 
@@ -14,6 +13,7 @@ from alignfed.errors import RejectedUpdate
 from alignfed.lowrank import Factors
 from alignfed.manifest import Architecture, LoraLayout, Manifest
 from coordinator.ingest import IngestLimits, frobenius, payload_limit, validate
+from tests.support.messages import adapter_update
 
 KEY = b"k" * 32
 ARCH = Architecture("llama", 2, 16, 32, 4, 2, 50, 64, 10000.0, 1e-5, False)
@@ -28,21 +28,7 @@ def make_update(**changes: object) -> protocol.AdapterUpdate:
             u=0.01 * rng.standard_normal((out_dim, 4)).astype(np.float32),
             v=0.01 * rng.standard_normal((4, in_dim)).astype(np.float32),
         )
-    base = protocol.AdapterUpdate(
-        device_id="dev-1",
-        update_id="u1",
-        seq=1,
-        base_version=2,
-        bundle="B",
-        samples=8,
-        local_steps=2,
-        train_loss=1.0,
-        wall_time=0.1,
-        profile="x86-laptop",
-        created_at=0.0,
-        deltas=deltas,
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return adapter_update(**{"deltas": deltas, **changes})
 
 
 DEFAULT_LIMITS = IngestLimits()

@@ -10,6 +10,7 @@ import numpy as np
 from alignfed import protocol
 from alignfed.lowrank import Factors
 from coordinator.store import Store
+from tests.support.messages import adapter_update
 
 
 def _adapter(version: int) -> protocol.GlobalAdapter:
@@ -55,21 +56,7 @@ def test_a_dense_residual_from_an_older_store_reads_back_as_exact_factors(tmp_pa
 
 
 def _update(device: str, uid: str, base: int, eval_loss: float) -> protocol.AdapterUpdate:
-    return protocol.AdapterUpdate(
-        device_id=device,
-        update_id=uid,
-        seq=1,
-        base_version=base,
-        bundle="b",
-        samples=4,
-        local_steps=1,
-        train_loss=3.0,
-        wall_time=0.1,
-        profile="p",
-        created_at=0.0,
-        deltas={},
-        eval_loss=eval_loss,
-    )
+    return adapter_update(device_id=device, update_id=uid, base_version=base, eval_loss=eval_loss)
 
 
 def test_newest_held_out_loss_per_device(tmp_path: Path) -> None:
