@@ -37,7 +37,7 @@ def _export_summary(out: Path, seconds: float) -> str:
     import math
 
     from alignfed import manifest as mf
-    from export.hf_source import expected_shapes
+    from export.hf_layout import expected_shapes
 
     m = mf.load(out)
     a = m.architecture
@@ -182,7 +182,7 @@ def _flash(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from simulator.demo import DemoOptions, run_demo
+    from demo.federation import DemoOptions, run_demo
 
     run_demo(
         DemoOptions(

@@ -29,6 +29,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
 from alignfed import manifest as mf
+from alignfed.adapter import initial_adapter
+from alignfed.text import Batcher
 from coordinator.calibration import (
     ACT_PREFIX,
     INPUT_IDS,
@@ -39,9 +41,7 @@ from coordinator.calibration import (
     CalibrationRunner,
     builtin_texts,
 )
-from coordinator.service import initial_adapter
 from coordinator.strategies.base import AdapterState
-from edge.data import Batcher
 
 
 def padded_batch(runner: CalibrationRunner, bundle: Path, m: mf.Manifest, tokens: int) -> tuple[dict[str, Any], int]:

@@ -131,7 +131,7 @@ def time_torch_steps(model: Any, params: list[Any], ids: np.ndarray, labels: np.
 
 
 def time_ort_steps(bundle: Path, ids: np.ndarray, labels: np.ndarray, steps: int) -> tuple[list[float], float]:
-    from edge.data import Batch
+    from alignfed.text import Batch
     from edge.trainer import OrtTrainer
 
     trainer = OrtTrainer(bundle, mf.load(bundle), lr=1e-3, threads=os.cpu_count() or 1)
@@ -182,7 +182,7 @@ def peak_rss_mb(bundle: Path, b: int, t: int, steps: int = 4) -> float:
 
 
 def tokens_per_second(base: Path, adapter: Path | None, n_tokens: int = 128, reps: int = 3) -> float:
-    from edge.inference import Generator
+    from runtime.llama import Generator
 
     with Generator(base, n_ctx=512, n_threads=os.cpu_count() or 1) as gen:
         gen.set_adapter(adapter)
@@ -303,7 +303,7 @@ def adapter_figures(
     import torch
 
     from alignfed.gguf_adapter import write_lora_gguf
-    from edge.inference import Generator
+    from runtime.llama import Generator
 
     m = mf.load(bundle)
     adapter = random_adapter(m)
@@ -354,7 +354,7 @@ def f32_gguf(arch: Architecture, weights: dict[str, np.ndarray], model_path: Pat
     from safetensors.numpy import save_file
 
     from export.gguf_base import write_base_gguf
-    from export.source import open_source
+    from export.reader import open_source
 
     if model_path.is_dir():
         return write_base_gguf(model_path, work / "f32.gguf")

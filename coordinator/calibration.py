@@ -14,16 +14,16 @@ on an aarch64 gateway has no onnxruntime-training wheel).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from alignfed import corpora
 from alignfed import manifest as mf
 from alignfed.errors import BundleError, ConfigError, TrainingError
+from alignfed.text import IGNORE, Batch, Batcher, load_texts
 from coordinator.strategies.base import AdapterState
-from edge.data import IGNORE, Batch, Batcher, load_texts
 
 INPUT_IDS = "input_ids"
 LABELS = "labels"
@@ -37,12 +37,7 @@ BUILTIN_PER_DOMAIN = 24  # examples per built-in domain when no calibration data
 
 def builtin_texts(seed: int = 0, per_domain: int = BUILTIN_PER_DOMAIN) -> list[str]:
     """Calibration texts from the built-in corpora, domains interleaved (arithmetic, code, prose, ...)."""
-    from simulator.corpora import DOMAINS, write_domain
-
-    with tempfile.TemporaryDirectory(prefix="alignfed-calib-") as tmp:
-        per = [
-            load_texts(write_domain(Path(tmp) / f"{d}.jsonl", d, per_domain, seed + i)) for i, d in enumerate(DOMAINS)
-        ]
+    per = [corpora.texts(d, per_domain, seed + i) for i, d in enumerate(corpora.DOMAINS)]
     return [text for group in zip(*per, strict=True) for text in group]
 
 

@@ -13,15 +13,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-import numpy as np
-from safetensors.numpy import load_file
 
 from alignfed import manifest as mf
 from alignfed import protocol
-from alignfed.errors import BundleError, ConfigError, ProtocolError, RejectedUpdate
+from alignfed.adapter import initial_adapter
+from alignfed.errors import ConfigError, ProtocolError, RejectedUpdate
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport
 from coordinator import strategies
@@ -32,17 +29,6 @@ from coordinator.store import Store
 from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate, Strategy
 
 log = logging.getLogger(__name__)
-
-
-def initial_adapter(bundle: Path, manifest: mf.Manifest) -> dict[str, np.ndarray]:
-    path = Path(bundle) / mf.ADAPTER_INIT
-    if not path.is_file():
-        raise BundleError(f"{bundle}: missing {mf.ADAPTER_INIT}")
-    tensors = load_file(str(path))
-    shapes = manifest.lora_shapes()
-    if {k: tuple(v.shape) for k, v in tensors.items()} != shapes:
-        raise BundleError(f"{path}: tensors do not match the manifest's LoRA layout")
-    return tensors
 
 
 class Coordinator:

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from alignfed import lowrank, protocol
 from alignfed import manifest as mf
+from alignfed import protocol
+from alignfed.adapter import compute_deltas
 from alignfed.errors import AlignFedError, ProtocolError, TrainingError
+from alignfed.text import IGNORE, Batch, Batcher, hold_out, load_texts
 from alignfed.topics import Topics
 from alignfed.transport import Transport
 from edge.config import DeviceConfig
-from edge.data import IGNORE, Batch, Batcher, hold_out, load_texts
 from edge.outbox import Outbox
 from edge.trainer import Trainer
 from edge.uplink import Uplink
@@ -63,22 +64,6 @@ def estimate_memory_mb(bundle: Path, m: mf.Manifest, batch: int, seq_len: int) -
     files = sum((bundle / p).stat().st_size for p in (mf.CHECKPOINT, mf.TRAINING_MODEL) if (bundle / p).exists())
     acts = batch * seq_len * (a.n_layers * (8 * a.hidden + 3 * a.intermediate) + 3 * a.vocab) * 4
     return (1.5 * files + acts) / 2**20 + 150.0  # + runtime overhead
-
-
-def compute_deltas(
-    trained: dict[str, np.ndarray], base: dict[str, np.ndarray], m: mf.Manifest
-) -> dict[str, lowrank.Factors]:
-    """Exact factors of s·(B_i A_i − B_v A_v) per adapted layer, rank ≤ 2r.
-
-    `edge.uplink.Uplink` takes their SVD and decides what of it is sent."""
-    from alignfed import lora
-
-    out: dict[str, lowrank.Factors] = {}
-    for lid in m.layer_ids:
-        layer, module = lora.split_layer_id(lid)
-        a, b = lora.key(layer, module, "A"), lora.key(layer, module, "B")
-        out[lid] = lowrank.difference(trained[b], trained[a], base[b], base[a], m.lora.scale)
-    return out
 
 
 class EdgeDaemon:
@@ -160,7 +145,7 @@ class EdgeDaemon:
         """Convert the global adapter to a llama.cpp LoRA GGUF for `alignfed generate`."""
         try:
             from alignfed.gguf_adapter import write_lora_gguf
-            from edge.inference import adapter_path, prune_adapters
+            from runtime.llama import adapter_path, prune_adapters
         except ImportError:  # gguf / llama.cpp not installed: training still works, inference can't
             return
 

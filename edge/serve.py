@@ -12,7 +12,7 @@ from edge.config import DeviceConfig
 
 def current_adapter_path(cfg: DeviceConfig) -> Path | None:
     """Newest llama.cpp LoRA written by the daemon; rebuilt from the stored global if missing."""
-    from edge.inference import ADAPTER_PREFIX, adapter_path
+    from runtime.llama import ADAPTER_PREFIX, adapter_path
 
     adapters = sorted((cfg.state_dir / "adapters").glob(f"{ADAPTER_PREFIX}*.gguf"))
     if adapters:
@@ -29,7 +29,7 @@ def current_adapter_path(cfg: DeviceConfig) -> Path | None:
 
 
 def generate(cfg: DeviceConfig, prompt: str, *, max_tokens: int = 64) -> str:
-    from edge.inference import Generator
+    from runtime.llama import Generator
 
     base = cfg.bundle / mf.BASE_GGUF
     if not base.exists():

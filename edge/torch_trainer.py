@@ -22,8 +22,8 @@ from alignfed import lora, protocol
 from alignfed import manifest as mf
 from alignfed.errors import BundleError, TrainingError
 from alignfed.rope import rope_tables
+from alignfed.text import Batch
 from edge.adamw import AdamW, Moments
-from edge.data import Batch
 
 QKV_BIAS = ("q", "k", "v")  # projections with a bias when Architecture.qkv_bias (Qwen2)
 

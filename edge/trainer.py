@@ -14,7 +14,7 @@ import numpy as np
 
 from alignfed import manifest as mf
 from alignfed.errors import TrainingError
-from edge.data import Batch
+from alignfed.text import Batch
 
 
 class Trainer(Protocol):
@@ -36,7 +36,7 @@ class OrtTrainer:
                 "onnxruntime-training is not installed; install the edge extra on x86_64, "
                 "or use a profile with trainer = 'torch' on aarch64"
             ) from exc
-        from edge.ort_session import open_session
+        from runtime.ort import open_session
 
         self.names = sorted(manifest.lora_shapes())
         self.shapes = manifest.lora_shapes()
@@ -51,7 +51,7 @@ class OrtTrainer:
         self.state, self.module, self.optimizer = session.state, session.module, session.optimizer
 
     def load_adapter(self, tensors: Mapping[str, np.ndarray]) -> None:
-        from edge.ort_session import set_params
+        from runtime.ort import set_params
 
         for name in self.names:
             if tuple(tensors[name].shape) != self.shapes[name]:
@@ -61,7 +61,7 @@ class OrtTrainer:
         set_params(self.state, {n: np.ascontiguousarray(tensors[n], dtype=np.float32) for n in self.names})
 
     def adapter(self) -> dict[str, np.ndarray]:
-        from edge.ort_session import get_params
+        from runtime.ort import get_params
 
         return get_params(self.state, self.names)
 

@@ -1,7 +1,7 @@
 """Base model -> bundle (DESIGN.md section 3): ORT training artifacts, calibration model,
 tokenizer, GGUF inference base and manifest.json with the sha256 of every file.
 
-The base is a Hugging Face folder or a GGUF file, read through `export.source.open_source`; from
+The base is a Hugging Face folder or a GGUF file, read through `export.reader.open_source`; from
 here on both look the same (architecture, float32 HF-named weights, tokenizer.json text).
 The manifest is written last and removed first, so a folder with a manifest is a complete bundle.
 """
@@ -22,7 +22,8 @@ from alignfed import manifest as mf
 from alignfed.errors import ConfigError, ExportError
 from alignfed.manifest import Architecture, LoraLayout, Manifest
 from export.onnx_graph import PROTO_LIMIT, QUANTIZATIONS, Quantization, build_model, lora_shapes
-from export.source import ModelSource, open_source
+from export.reader import open_source
+from export.source import ModelSource
 
 BUNDLE_DIRS = (mf.TRAIN_DIR, "calib", "gguf")
 F32 = "F32"

@@ -73,7 +73,7 @@ class CheckReport:
 
 def _batch(bundle: Path, manifest: mf.Manifest) -> tuple[np.ndarray, np.ndarray]:
     """input_ids, labels (B, T) of the built-in sentences, padded with eos and ignored labels."""
-    from edge.data import Batcher
+    from alignfed.text import Batcher
 
     eos = int(manifest.tokenizer.get("eos_id", 0))
     batcher = Batcher(list(SENTENCES), bundle / mf.TOKENIZER, batch=len(SENTENCES), seq_len=SEQ_LEN, eos_id=eos, seed=0)
@@ -95,7 +95,7 @@ def _ort_losses(bundle: Path, manifest: mf.Manifest) -> tuple[float, float]:
     import onnxruntime as ort
     from safetensors.numpy import load_file
 
-    from edge.ort_session import get_params, open_session
+    from runtime.ort import get_params, open_session
 
     ids, labels = _batch(bundle, manifest)
     init = load_file(str(bundle / mf.ADAPTER_INIT))
@@ -113,7 +113,7 @@ def _ort_losses(bundle: Path, manifest: mf.Manifest) -> tuple[float, float]:
 
 def llama_cpp_ce(base: Path, adapter: Path | None, ids: np.ndarray, labels: np.ndarray, n_ctx: int) -> float:
     """Mean next-token cross-entropy of llama.cpp's logits over the labelled positions (HF shift)."""
-    from edge.inference import Generator
+    from runtime.llama import Generator
 
     total, count = 0.0, 0
     with Generator(base, n_ctx=n_ctx, n_threads=2, seed=0) as gen:

@@ -27,7 +27,7 @@ from alignfed import lora
 from alignfed.errors import ExportError
 from alignfed.gguf_adapter import GGUF_FAMILIES, family_spec, to_gguf_rows
 from alignfed.manifest import Architecture
-from export import hf_source
+from export import hf_layout, hf_source
 
 # HF name -> GGUF name outside the decoder blocks.
 GLOBAL_TENSORS: dict[str, str] = {
@@ -41,7 +41,7 @@ BLOCK_TENSORS: dict[str, str] = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     **{f"{spec.hf}.weight": f"{spec.gguf}.weight" for spec in lora.MODULES.values()},
-    **{f"{lora.MODULES[m].hf}.bias": f"{lora.MODULES[m].gguf}.bias" for m in hf_source.QKV_BIAS_MODULES},
+    **{f"{lora.MODULES[m].hf}.bias": f"{lora.MODULES[m].gguf}.bias" for m in hf_layout.QKV_BIAS_MODULES},
 }
 _GLOBAL_BY_GGUF = {v: k for k, v in GLOBAL_TENSORS.items()}
 _BLOCK_BY_GGUF = {v: k for k, v in BLOCK_TENSORS.items()}
@@ -245,7 +245,7 @@ def write_base_gguf(model_dir: Path, out_path: Path, *, progress: bool = False) 
     spec = GGUF_FAMILIES[arch.family]
     vocab = read_vocab(model_dir, arch, cfg)
     expected: dict[str, tuple[int, ...]] = {}
-    for hf, shape in hf_source.expected_shapes(arch).items():
+    for hf, shape in hf_layout.expected_shapes(arch).items():
         target = gguf_name(hf)
         assert target is not None  # expected_shapes lists no ignored buffers
         expected[target] = shape

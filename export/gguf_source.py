@@ -31,7 +31,7 @@ from alignfed import manifest as mf
 from alignfed.errors import ExportError
 from alignfed.gguf_adapter import GGUF_FAMILIES, from_gguf_rows
 from alignfed.manifest import Architecture
-from export import gguf_base, hf_source
+from export import gguf_base, hf_layout, hf_source
 from export.source import ModelSource
 
 # GGUF key (after `{arch}.`) -> HF config field; read into a config dict that hf_source validates.
@@ -240,7 +240,7 @@ def read_weights(path: Path, arch: Architecture, *, progress: bool = False) -> d
     from gguf.quants import dequantize
 
     reader = gguf.GGUFReader(path)
-    expected = hf_source.expected_shapes(arch)
+    expected = hf_layout.expected_shapes(arch)
     unknown = sorted(t.name for t in reader.tensors if gguf_base.hf_name(t.name) not in expected)
     if unknown:
         raise ExportError(

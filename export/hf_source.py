@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
-from alignfed import lora
 from alignfed import manifest as mf
 from alignfed.errors import ExportError
 from alignfed.manifest import Architecture
+from export.hf_layout import expected_shapes
 from export.source import ModelSource
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-QKV_BIAS_MODULES = ("q", "k", "v")  # projections with a bias when Architecture.qkv_bias
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -197,27 +196,6 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def bias_name(layer: int, module: str) -> str:
-    """HF name of the bias of projection `module` in decoder layer `layer`."""
-    return f"model.layers.{layer}.{lora.MODULES[module].hf}.bias"
-
-
-def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape of every tensor the forward pass uses (nn.Linear weights (out, in))."""
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab, arch.hidden)}
-    for i in range(arch.n_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (arch.hidden,)
-        for module in lora.MODULES:
-            d_in, d_out = arch.in_out(module)
-            shapes[lora.hf_weight_name(i, module)] = (d_out, d_in)
-            if arch.qkv_bias and module in QKV_BIAS_MODULES:
-                shapes[bias_name(i, module)] = (d_out,)
-        shapes[p + "post_attention_layernorm.weight"] = (arch.hidden,)
-    shapes["model.norm.weight"] = (arch.hidden,)
-    if not arch.tie_embeddings:
-        shapes["lm_head.weight"] = (arch.vocab, arch.hidden)
-    return shapes
 
 
 def read_architecture(model_dir: Path) -> Architecture:

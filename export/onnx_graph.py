@@ -30,7 +30,7 @@ from alignfed import lora
 from alignfed.errors import ExportError
 from alignfed.manifest import BASE_INT8, BASE_SCALE, BASE_T, Architecture, LoraLayout
 from alignfed.rope import rope_tables
-from export.hf_source import QKV_BIAS_MODULES, bias_name
+from export.hf_layout import QKV_BIAS_MODULES, bias_name
 
 Mode = Literal["train", "calib"]
 Quantization = Literal["fp32", "int8"]

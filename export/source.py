@@ -1,6 +1,6 @@
 """What an export reads from a base model, whatever its format: a Hugging Face folder or a GGUF file.
 
-`open_source` looks at the path and returns a `ModelSource`: the architecture, the tokenizer in
+`export.reader.open_source` looks at the path and returns a `ModelSource`: the architecture, the tokenizer in
 HF `tokenizers` JSON, the special token ids and chat template, an identity for the manifest, and a
 loader for the float32 weights in HF naming and HF row order (what `export.onnx_graph` builds
 from). Weights load only when asked, so a bad option fails before hundreds of MB are read.
@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from alignfed.errors import ExportError
 from alignfed.manifest import Architecture
 
 SourceKind = Literal["hf", "gguf"]
@@ -37,18 +36,3 @@ class ModelSource:
     tokenizer_info: Mapping[str, Any]  # bos_id / eos_id / pad_id / chat_template, when known
     gguf_quantization: str | None  # quant type of a source GGUF ("Q4_1", ...); None for a HF folder
     load_weights: LoadWeights
-
-
-def open_source(path: Path) -> ModelSource:
-    """A Hugging Face model folder or a `.gguf` file as a `ModelSource`."""
-    path = Path(path)
-    if path.is_dir():
-        from export.hf_source import open_hf
-
-        return open_hf(path)
-    if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:
-        from export.gguf_source import open_gguf
-
-        return open_gguf(path)
-    what = "a file without the .gguf suffix" if path.is_file() else "missing"
-    raise ExportError(f"{path}: expected a Hugging Face model folder or a {GGUF_SUFFIX} file, got {what}")

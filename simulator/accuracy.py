@@ -52,7 +52,7 @@ class Problem:
 
 def gsm8k_problems(path: Path, n: int, *, seed: int = 0) -> list[Problem]:
     """n problems from a GSM8K JSONL file (`question`, `answer`), seeded sample, prompted in the
-    same `Question: …\\nAnswer:` format `edge.data` trains on."""
+    same `Question: …\\nAnswer:` format `alignfed.text` trains on."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"accuracy: {path} does not exist")
@@ -94,7 +94,7 @@ def llama_generate(bundle: Path, *, max_tokens: int = 160, threads: int = 2) -> 
 
     from alignfed import manifest as mf
     from alignfed.gguf_adapter import write_lora_gguf
-    from edge.inference import Generator
+    from runtime.llama import Generator
 
     m = mf.load(bundle)
     gen = Generator(Path(bundle) / mf.BASE_GGUF, n_ctx=512, n_threads=threads)

@@ -1,22 +1,22 @@
 """Where a simulation's text comes from: named domains, each split into training and held-out examples.
 
-A domain is one dataset a user brings (`name=path`, JSONL/JSON/text in any format `edge.data`
+A domain is one dataset a user brings (`name=path`, JSONL/JSON/text in any format `alignfed.text`
 reads: `text`, `instruction`/`input`/`output`, `question`/`answer`) or one of the built-in
-corpora (`simulator.corpora`). Each domain's examples are shuffled with the seed; the first
+corpora (`alignfed.corpora`). Each domain's examples are shuffled with the seed; the first
 `eval_examples` are held out for evaluation, the rest (at most `train_examples`) are for training.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from alignfed import corpora
 from alignfed.errors import ConfigError
-from edge.data import load_texts
+from alignfed.text import load_texts
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +68,9 @@ def load_domains(
 
 def builtin_domains(*, eval_examples: int, train_examples: int, seed: int) -> list[Domain]:
     """The built-in corpora (arithmetic, code, prose), `train_examples + eval_examples` each."""
-    from simulator.corpora import DOMAINS, write_domain
-
     n = max(train_examples, 1) + eval_examples
-    with tempfile.TemporaryDirectory(prefix="alignfed-corpora-") as tmp:
-        specs = [(d, write_domain(Path(tmp) / f"{d}.jsonl", d, n, seed + 101 * i)) for i, d in enumerate(DOMAINS)]
-        return load_domains(specs, eval_examples=eval_examples, train_examples=train_examples, seed=seed)
+    return [
+        split(d, corpora.texts(d, n, seed + 101 * i), eval_examples=eval_examples, train_examples=train_examples,
+              seed=seed + i)
+        for i, d in enumerate(corpora.DOMAINS)
+    ]

@@ -39,11 +39,11 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from alignfed import protocol
+from alignfed.adapter import compute_deltas
 from alignfed.errors import ConfigError, RejectedUpdate
+from alignfed.text import Batch
 from coordinator.ingest import IngestLimits, payload_limit
 from coordinator.strategies.base import AdapterState, ClientUpdate, Strategy
-from edge.daemon import compute_deltas
-from edge.data import Batch
 from edge.uplink import Uplink
 from simulator.accuracy import AccuracyHook
 from simulator.clock import EventQueue
@@ -353,7 +353,7 @@ class Simulation:
         return update, protocol.encode_update(update, dev.key, self.cfg.wire_quantization, self.cfg.wire_codec)
 
     def _batches(self, dev: _DeviceState, steps: int) -> Iterator[Batch]:
-        """Random batches of the device's examples, from its own seeded stream (as edge.data.Batcher)."""
+        """Random batches of the device's examples, from its own seeded stream (as alignfed.text.Batcher)."""
         batcher = dev.data.batcher
         rows = batcher.rows
         for _ in range(steps):

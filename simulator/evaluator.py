@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.data import Batch, Batcher
+from alignfed.text import Batch, Batcher
 from simulator.domains import Domain
 from simulator.training import SharedTrainer
 

@@ -15,9 +15,9 @@ import numpy as np
 
 from alignfed import manifest as mf
 from alignfed.errors import ConfigError
+from alignfed.text import Batcher
 from coordinator.calibration import CalibrationRunner
 from coordinator.strategies.base import AdapterState
-from edge.data import Batcher
 from simulator.domains import Domain, builtin_domains, load_domains
 from simulator.evaluator import Evaluator
 from simulator.fleet import FleetConfig, SimDevice, build_fleet
@@ -74,7 +74,7 @@ class Testbed:
 
     @classmethod
     def build(cls, cfg: TestbedConfig) -> Testbed:
-        from coordinator.service import initial_adapter
+        from alignfed.adapter import initial_adapter
 
         bundle = Path(cfg.bundle)
         manifest = mf.load(bundle)

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from alignfed import manifest as mf
+from alignfed.text import Batch
 from edge.adamw import AdamW, Moments
-from edge.data import Batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +57,7 @@ class SharedTrainer:
         self, start: Mapping[str, np.ndarray], batches: Iterable[Batch], *, lr: float, moments: Moments | None = None
     ) -> TrainResult:
         """Train from `start` on `batches`; `moments=None` starts from zero moments."""
-        from edge.ort_session import set_params
+        from runtime.ort import set_params
 
         state = moments if moments is not None else self.fresh_moments()
         self._ort.load_adapter(start)

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("alignfed", "coordinator", "edge", "export", "simulator")
+PACKAGES = ("alignfed", "coordinator", "demo", "edge", "export", "runtime", "simulator")
 
 # dependency -> modules (relative paths) allowed to import it; None = only the packages listed
 ALLOWED: dict[str, set[str] | tuple[str, ...]] = {
     "torch": ("export/", "edge/torch_trainer.py"),  # the PyTorch trainer backend (aarch64 devices)
     "transformers": ("export/",),
-    "llama_cpp": {"edge/inference.py", "export/gguf_quant.py"},  # serving; llama.cpp's own quantizer
+    "llama_cpp": {"runtime/llama.py", "export/gguf_quant.py"},  # serving; llama.cpp's own quantizer
     "paho": {"alignfed/transport.py"},
     # optimizer hyper-parameters (edge/adamw.py); base weights of the PyTorch backend
     "onnx": ("export/", "edge/adamw.py", "edge/torch_trainer.py"),
-    "amqtt": {"simulator/broker.py"},
+    "amqtt": {"demo/broker.py"},
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge.data import hold_out
+from alignfed.text import hold_out
 
 
 def test_hold_out_is_seeded_disjoint_and_at_most_a_fifth() -> None:

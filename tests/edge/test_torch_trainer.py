@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from alignfed import manifest as mf
-from edge.data import Batch
+from alignfed.text import Batch
 from edge.torch_trainer import TorchTrainer
 from edge.trainer import OrtTrainer
 

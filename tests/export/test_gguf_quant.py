@@ -20,9 +20,9 @@ pytest.importorskip("gguf")
 import gguf
 
 from alignfed.errors import ExportError
-from edge.inference import Generator
 from export.gguf_base import write_base_gguf
 from export.gguf_quant import check_quant, quantize_gguf
+from runtime.llama import Generator
 
 Q8_TOL = 3e-2
 IDS = list(range(3, 60))

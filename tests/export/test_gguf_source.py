@@ -14,12 +14,12 @@ pytest.importorskip("gguf")
 
 from alignfed import manifest as mf
 from alignfed.errors import ExportError
-from edge.ort_session import open_session, set_params
 from export.bundle import export_bundle
 from export.gguf_base import write_base_gguf
 from export.gguf_source import open_gguf
 from export.hf_source import open_hf
-from export.source import open_source
+from export.reader import open_source
+from runtime.ort import open_session, set_params
 
 RANK, ALPHA = 4, 8.0  # as tests/export/conftest.py
 LOSS_TOL = 1e-5  # same float32 weights and graph: only ORT's own nondeterminism remains

@@ -15,8 +15,8 @@ import torch
 
 from alignfed import lora
 from alignfed import manifest as mf
-from edge.ort_session import get_params, open_session, set_params
 from export.onnx_graph import INPUT_IDS, LABELS, LOSS, act_name
+from runtime.ort import get_params, open_session, set_params
 
 TOL = 1e-4
 CASES = [

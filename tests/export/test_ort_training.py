@@ -12,8 +12,8 @@ import pytest
 
 from alignfed import manifest as mf
 from alignfed.errors import BundleError, TrainingError
-from edge.ort_session import bind, get_params, open_session, set_params
 from export.artifacts import MAX_IR_VERSION
+from runtime.ort import bind, get_params, open_session, set_params
 
 QV = ("q", "v")
 

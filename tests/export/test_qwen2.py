@@ -18,11 +18,11 @@ from alignfed import manifest as mf
 from alignfed.errors import ExportError
 from alignfed.gguf_adapter import permute_qk_rows, write_lora_gguf
 from alignfed.manifest import Architecture, LoraLayout
-from edge.ort_session import open_session, set_params
 from export.bundle import export_bundle
 from export.hf_source import read_hf_model
 from export.onnx_graph import INPUT_IDS, LABELS, lora_shapes
 from export.synthetic import QWEN2_CONFIG, TinyConfig, write_tiny_qwen2
+from runtime.ort import open_session, set_params
 
 torch = pytest.importorskip("torch")
 
@@ -140,7 +140,7 @@ def qwen_gguf(qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def generator(qwen_gguf: Path) -> Iterator[object]:
     pytest.importorskip("llama_cpp")
-    from edge.inference import Generator
+    from runtime.llama import Generator
 
     gen = Generator(qwen_gguf, n_ctx=QWEN2_CONFIG.max_seq, n_threads=2, kv_f32=True)
     yield gen

@@ -27,10 +27,10 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 from alignfed import manifest as mf
-from edge.inference import Generator
-from edge.ort_session import open_session
 from export.bundle import export_bundle
 from export.check import llama_cpp_ce
+from runtime.llama import Generator
+from runtime.ort import open_session
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +82,8 @@ def batch(bundle: Path) -> tuple[np.ndarray, np.ndarray]:
     """input_ids = labels (B, T): the built-in corpora tokenized and packed, eos between texts."""
     from tokenizers import Tokenizer
 
-    from edge.data import load_texts
-    from simulator.corpora import DOMAINS, write_domain
+    from alignfed.corpora import DOMAINS, write_domain
+    from alignfed.text import load_texts
 
     with tempfile.TemporaryDirectory() as tmp:
         texts = [t for i, d in enumerate(DOMAINS) for t in load_texts(write_domain(Path(tmp) / f"{d}.jsonl", d, 12, i))]

@@ -14,7 +14,7 @@ from alignfed.manifest import Architecture, LoraLayout
 from export.synthetic import TinyConfig, write_tiny_llama
 
 if TYPE_CHECKING:
-    from edge.inference import Generator
+    from runtime.llama import Generator
 
 CFG = TinyConfig()
 
@@ -55,7 +55,7 @@ def base_gguf(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def generator(base_gguf: Path) -> Iterator[Generator]:
     pytest.importorskip("llama_cpp")
-    from edge.inference import Generator
+    from runtime.llama import Generator
 
     gen = Generator(base_gguf, n_ctx=CFG.max_seq, n_threads=2, seed=0)
     yield gen
@@ -66,7 +66,7 @@ def generator(base_gguf: Path) -> Iterator[Generator]:
 def exact_generator(base_gguf: Path) -> Iterator[Generator]:
     """Same base with an F32 KV cache: the whole forward pass is float32, like the reference."""
     pytest.importorskip("llama_cpp")
-    from edge.inference import Generator
+    from runtime.llama import Generator
 
     gen = Generator(base_gguf, n_ctx=CFG.max_seq, n_threads=2, seed=0, kv_f32=True)
     yield gen

@@ -14,7 +14,7 @@ from alignfed import lora
 from alignfed.errors import BundleError
 from alignfed.gguf_adapter import write_lora_gguf
 from alignfed.manifest import Architecture, LoraLayout
-from edge.inference import Generator, adapter_path, prune_adapters
+from runtime.llama import Generator, adapter_path, prune_adapters
 
 from .conftest import random_lora
 

@@ -12,9 +12,9 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 from alignfed.errors import ExportError
-from edge.inference import Generator
 from export.gguf_base import pre_tokenizer_name, write_base_gguf
 from export.synthetic import TinyConfig, write_tiny_llama
+from runtime.llama import Generator
 
 from .conftest import TorchReference
 

@@ -21,7 +21,7 @@ pytest.importorskip("llama_cpp")
 from alignfed import lora
 from alignfed.gguf_adapter import permute_qk_rows, write_lora_gguf
 from alignfed.manifest import Architecture, LoraLayout
-from edge.inference import Generator
+from runtime.llama import Generator
 
 from .conftest import TorchReference, random_lora
 

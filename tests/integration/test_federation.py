@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from alignfed import protocol
+from alignfed.corpora import DOMAINS, write_domain
 from alignfed.lowrank import Factors
 from alignfed.manifest import bundle_digest
 from alignfed.manifest import load as load_manifest
 from alignfed.topics import Topics
 from alignfed.transport import BrokerConfig, Transport
 from coordinator.store import Store
-from simulator.corpora import DOMAINS, write_domain
-from simulator.local import DeviceSpec, lay_out
+from demo.local import DeviceSpec, lay_out
 from tests.support.broker import Mosquitto
 from tests.support.federation import fast_profile, spawn, wait_for
 

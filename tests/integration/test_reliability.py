@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from alignfed.corpora import DOMAINS, write_domain
 from coordinator.store import Store
-from simulator.corpora import DOMAINS, write_domain
-from simulator.local import DeviceSpec, lay_out
+from demo.local import DeviceSpec, lay_out
 from tests.support.broker import Mosquitto
 from tests.support.federation import fast_profile, spawn, wait_for
 

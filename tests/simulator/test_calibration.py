@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from alignfed import manifest as mf
+from alignfed.adapter import initial_adapter
 from alignfed.errors import ConfigError
 from coordinator.alignment import ActivationSource
 from coordinator.calibration import CalibrationRunner, calibration_batch
-from coordinator.service import initial_adapter
 from coordinator.strategies.base import AdapterState
 
 

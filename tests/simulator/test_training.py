@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from alignfed import manifest as mf
-from coordinator.service import initial_adapter
+from alignfed.adapter import initial_adapter
+from alignfed.text import Batch, Batcher
 from edge.adamw import AdamW
-from edge.data import Batch, Batcher
 from edge.trainer import OrtTrainer
 from simulator.training import SharedTrainer
 

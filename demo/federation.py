@@ -22,11 +22,11 @@ import numpy as np
 
 from alignfed import manifest as mf
 from alignfed import protocol, tomlfile
+from alignfed.corpora import DOMAINS, write_domain
 from coordinator import config as ccfg
 from coordinator.service import Coordinator
 from coordinator.store import Store
-from simulator.corpora import DOMAINS, write_domain
-from simulator.local import DeviceSpec, lay_out
+from demo.local import DeviceSpec, lay_out
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +97,7 @@ def run_demo(opts: DemoOptions) -> None:
     broker = None
     url = opts.broker
     if url is None:
-        from simulator.broker import EmbeddedBroker
+        from demo.broker import EmbeddedBroker
 
         broker = EmbeddedBroker().start()
         url = broker.url
@@ -179,7 +179,7 @@ def _report(store: Store, devices: dict[str, Path], bundle: Path, specs: list[De
     for d, s in sorted(store.stats().items()):
         _say(f"   {d:6}  {s['aggregated']:8d}  {s['rejected']:8d}  {s['pending']:7d}  {s['bytes']:8d}")
 
-    from edge.data import Batcher, load_texts
+    from alignfed.text import Batcher, load_texts
     from edge.trainer import OrtTrainer
 
     m = mf.load(bundle)
@@ -214,7 +214,7 @@ def _report(store: Store, devices: dict[str, Path], bundle: Path, specs: list[De
 
 def _sample(store: Store, bundle: Path, real: bool) -> None:
     from alignfed.gguf_adapter import write_lora_gguf
-    from edge.inference import Generator
+    from runtime.llama import Generator
 
     m = mf.load(bundle)
     latest = store.latest_version() or 0

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from alignfed.text import format_record
+
 DOMAINS = ("arithmetic", "code", "prose")
 
 _NOUNS = ["device", "gateway", "adapter", "river", "garden", "sensor", "battery", "window", "teacher", "market"]
@@ -37,8 +39,19 @@ def _record(domain: str, rng: np.random.Generator) -> dict[str, str]:
     raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
 
 
-def write_domain(path: Path, domain: str, n: int, seed: int) -> Path:
+def records(domain: str, n: int, seed: int) -> list[dict[str, str]]:
+    """`n` records of `domain` in the JSONL shapes users bring (text / instruction / question)."""
     rng = np.random.default_rng(seed)
+    return [_record(domain, rng) for _ in range(n)]
+
+
+def texts(domain: str, n: int, seed: int) -> list[str]:
+    """The same records as training texts, formatted as `alignfed.text.load_texts` would read them."""
+    return [format_record(rec, f"built-in corpus {domain!r}") for rec in records(domain, n, seed)]
+
+
+def write_domain(path: Path, domain: str, n: int, seed: int) -> Path:
+    """The records as a JSONL file, for programs that take a data file (devices, the demo)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(_record(domain, rng)) + "\n" for _ in range(n)))
+    path.write_text("".join(json.dumps(rec) + "\n" for rec in records(domain, n, seed)))
     return path

@@ -92,8 +92,8 @@ def set_params(state: Any, values: Mapping[str, np.ndarray]) -> None:
     if state not in _BOUND:
         raise TrainingError(
             "parameters can only be written after a Module was created from this CheckpointState "
-            "(onnxruntime-training 1.19 crashes otherwise); use edge.ort_session.open_session, or "
-            "call edge.ort_session.bind(state, module) after creating the Module yourself"
+            "(onnxruntime-training 1.19 crashes otherwise); use runtime.ort.open_session, or "
+            "call runtime.ort.bind(state, module) after creating the Module yourself"
         )
     _check_names(state, values)
     prepared: dict[str, np.ndarray] = {}
