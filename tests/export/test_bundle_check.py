@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("llama_cpp")
-
 from alignfed import manifest as mf
 from alignfed.cli import main
 from alignfed.errors import BundleError, ExportError

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
-
-pytest.importorskip("llama_cpp")
-pytest.importorskip("gguf")
-
-import gguf
 
 from alignfed.errors import ExportError
 from export.gguf_base import write_base_gguf

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("gguf")
-
 from alignfed import manifest as mf
 from alignfed.errors import ExportError
 from export.bundle import export_bundle
@@ -93,7 +91,6 @@ def test_gguf_export_trains_on_the_same_loss_as_the_hf_export(
 
 
 def test_q8_0_gguf_dequantizes_close_to_the_original(tiny_dir: Path, tiny_gguf: Path, tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
     from export.gguf_quant import quantize_gguf
 
     source = open_gguf(quantize_gguf(tiny_gguf, tmp_path / "q8.gguf", "Q8_0"))

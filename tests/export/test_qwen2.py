@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from alignfed import lora
 from alignfed import manifest as mf
@@ -23,8 +24,6 @@ from export.hf_source import read_hf_model
 from export.onnx_graph import INPUT_IDS, LABELS, lora_shapes
 from export.synthetic import QWEN2_CONFIG, TinyConfig, write_tiny_qwen2
 from runtime.ort import open_session, set_params
-
-torch = pytest.importorskip("torch")
 
 TOL = 1e-4  # ORT vs torch loss, as tests/export/test_onnx_parity.py
 EXACT_TOL = 1e-5  # llama.cpp (F32 base, F32 KV cache) vs torch, relative to max |logit|
@@ -131,7 +130,6 @@ def test_unsupported_qwen2_variants_name_the_field(qwen_dir: Path, tmp_path: Pat
 
 @pytest.fixture(scope="module")
 def qwen_gguf(qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("gguf")
     from export.gguf_base import write_base_gguf
 
     return write_base_gguf(qwen_dir, tmp_path_factory.mktemp("qwen2-gguf") / "base.gguf")
@@ -139,7 +137,6 @@ def qwen_gguf(qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def generator(qwen_gguf: Path) -> Iterator[object]:
-    pytest.importorskip("llama_cpp")
     from runtime.llama import Generator
 
     gen = Generator(qwen_gguf, n_ctx=QWEN2_CONFIG.max_seq, n_threads=2, kv_f32=True)

@@ -23,9 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp")
-pytest.importorskip("gguf")
-
 from alignfed import manifest as mf
 from export.bundle import export_bundle
 from export.check import llama_cpp_ce

@@ -46,7 +46,6 @@ def arch(tiny_dir: Path) -> Architecture:
 
 @pytest.fixture(scope="session")
 def base_gguf(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("gguf")
     from export.gguf_base import write_base_gguf
 
     return write_base_gguf(tiny_dir, tmp_path_factory.mktemp("gguf") / "base.gguf")
@@ -54,7 +53,6 @@ def base_gguf(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def generator(base_gguf: Path) -> Iterator[Generator]:
-    pytest.importorskip("llama_cpp")
     from runtime.llama import Generator
 
     gen = Generator(base_gguf, n_ctx=CFG.max_seq, n_threads=2, seed=0)
@@ -65,7 +63,6 @@ def generator(base_gguf: Path) -> Iterator[Generator]:
 @pytest.fixture(scope="session")
 def exact_generator(base_gguf: Path) -> Iterator[Generator]:
     """Same base with an F32 KV cache: the whole forward pass is float32, like the reference."""
-    pytest.importorskip("llama_cpp")
     from runtime.llama import Generator
 
     gen = Generator(base_gguf, n_ctx=CFG.max_seq, n_threads=2, seed=0, kv_f32=True)
@@ -122,8 +119,6 @@ class TorchReference:
 
 @pytest.fixture(scope="session")
 def torch_ref(tiny_dir: Path) -> TorchReference:
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     return TorchReference(tiny_dir)
 
 

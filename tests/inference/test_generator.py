@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp")
-
 from alignfed import lora
 from alignfed.errors import BundleError
 from alignfed.gguf_adapter import write_lora_gguf

@@ -8,9 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp")
-pytest.importorskip("gguf")
-
 from alignfed.errors import ExportError
 from export.gguf_base import pre_tokenizer_name, write_base_gguf
 from export.synthetic import TinyConfig, write_tiny_llama
@@ -53,7 +50,6 @@ def test_base_gguf_metadata(base_gguf: Path) -> None:
 
 
 def test_tied_embeddings_omit_output_and_match_transformers(tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
     import gguf
 
     model_dir = write_tiny_llama(tmp_path / "tied", TinyConfig(tie_embeddings=True, seed=1))

@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp")
-
 from alignfed import lora
 from alignfed.gguf_adapter import permute_qk_rows, write_lora_gguf
 from alignfed.manifest import Architecture, LoraLayout

@@ -87,6 +87,7 @@ def test_first_arrival_is_charged_from_the_profile(testbed: Testbed) -> None:
 
 def test_horizon_and_version_limit_bound_the_run(testbed: Testbed) -> None:
     short = _run(testbed, horizon_s=3.0, max_versions=0)
+    assert short.events, "a 3-s horizon still sees the first updates"
     assert all(e.time <= 3.0 for e in short.events)
     capped = _run(testbed, horizon_s=1000.0, max_versions=2)
     assert capped.versions == 2
