@@ -18,14 +18,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from alignfed.errors import EXIT_CODES, AlignFedError
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+from alignfed.sizes import format_bytes
 
 
 def _count(n: int) -> str:
@@ -51,8 +44,8 @@ def _export_summary(out: Path, seconds: float) -> str:
         f"  base parameters       {_count(base)} (training base {m.train_quantization}, GGUF {m.gguf_quantization})",
         f"  trainable parameters  {_count(trainable)} (LoRA {','.join(m.lora.targets)} r={m.lora.rank} "
         f"alpha={m.lora.alpha:g})",
-        *(f"  {rel:<{width}}  {_size(n):>10}" for rel, n in sizes.items()),
-        f"  {'total':<{width}}  {_size(sum(sizes.values())):>10}",
+        *(f"  {rel:<{width}}  {format_bytes(n):>10}" for rel, n in sizes.items()),
+        f"  {'total':<{width}}  {format_bytes(sum(sizes.values())):>10}",
     ]
     return "\n".join(lines)
 

@@ -18,14 +18,13 @@ family does what; it and `permute_qk_rows` are the one definition that the base 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from alignfed import lora
+from alignfed import atomic, lora
 from alignfed.errors import BundleError
 from alignfed.manifest import Architecture, LoraLayout
 
@@ -155,23 +154,18 @@ def write_lora_gguf(
         )
     named = gguf_tensors(tensors, arch, layout)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(tmp, spec.arch)
-    try:
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(layout.alpha))
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-        for name, t in named.items():
-            writer.add_tensor(name, t)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, spec.arch)
+        try:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(layout.alpha))
+            writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+            for name, t in named.items():
+                writer.add_tensor(name, t)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path

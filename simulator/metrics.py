@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from alignfed.sizes import format_bytes
 from coordinator.fairness import jain_index
 from coordinator.strategies.base import AdapterState
 from simulator.events import Event
@@ -126,8 +127,8 @@ class Summary:
             "worst-device loss": num(self.worst_device_loss, ".4f"),
             "accuracy": num(self.accuracy, ".3f"),
             "Jain's index": num(self.jain, ".3f"),
-            "bytes up": _size(self.bytes_up),
-            "bytes down": _size(self.bytes_down),
+            "bytes up": format_bytes(self.bytes_up),
+            "bytes down": format_bytes(self.bytes_down),
             "coordinator CPU (s)": num(self.cpu_s, ".3f"),
             "versions": str(self.versions),
             "accepted / rejected": f"{self.accepted} / {self.rejected}",
@@ -167,8 +168,3 @@ def summarize(run: RunResult, target: float | None) -> Summary:
     )
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
