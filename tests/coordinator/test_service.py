@@ -140,3 +140,18 @@ def test_fairness_history_survives_a_restart(tmp_path: Path, tiny_bundle: Path) 
     restarted = Coordinator(ccfg.load(path))
     assert restarted.current.version == 3
     assert restarted.strategy.participation() == ["dev-1"] * 3  # type: ignore[attr-defined]
+
+
+def test_hostile_payloads_get_a_malformed_reject_not_an_internal_error(
+    tmp_path: Path, tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10, defect 2: what crashed the decoders is answered `malformed: ...`, with no traceback."""
+    from tests.support.hostile import HOSTILE_TENSOR_MESSAGES
+
+    c = coordinator(tmp_path, tiny_bundle)
+    for name, payload in HOSTILE_TENSOR_MESSAGES.items():
+        ack = c.handle_update("dev-1", payload)
+        assert not ack.accepted and ack.reason.startswith("malformed: "), (name, ack.reason)
+        assert "\n" not in ack.reason
+    assert not any(r.exc_info for r in caplog.records)
+    assert c.store.stats() == {}  # nothing stored, nothing buffered
