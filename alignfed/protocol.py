@@ -42,6 +42,17 @@ _INT64 = 1 << 63  # header integers land in SQLite INTEGER columns
 CODECS = ("none", "deflate")
 _DEFLATE_MAGIC = b"AFZ1"
 
+# How each topic (under alignfed/{federation}/) travels: (QoS, retained). docs/protocol.md's table
+# is checked against this one. Both status topics carry their sender's last will, which the
+# transport sets at QoS 1, so their own messages go at QoS 1 too.
+DELIVERY: dict[str, tuple[int, bool]] = {
+    "global/adapter": (1, True),
+    "global/status": (1, True),
+    "devices/{id}/update": (1, False),
+    "devices/{id}/ack": (1, False),
+    "devices/{id}/status": (1, True),
+}
+
 _DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
