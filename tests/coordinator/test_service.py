@@ -38,7 +38,9 @@ def coordinator(tmp_path: Path, bundle: Path, **strategy: object) -> Coordinator
     return c
 
 
-def update(bundle: Path, base_version: int, scale: float = 0.01, eval_loss: float = math.nan) -> bytes:
+def update(
+    bundle: Path, base_version: int, scale: float = 0.01, eval_loss: float = math.nan, samples: int = 4
+) -> bytes:
     m = load_manifest(bundle)
     deltas = {
         lid: Factors(u=np.full((o, 2), scale, np.float32), v=np.full((2, i), scale, np.float32))
@@ -50,7 +52,7 @@ def update(bundle: Path, base_version: int, scale: float = 0.01, eval_loss: floa
         1,
         base_version,
         bundle_digest(m),
-        4,
+        samples,
         1,
         1.0,
         0.1,
