@@ -25,7 +25,7 @@ from alignfed.errors import BundleError, ConfigError, ProtocolError, RejectedUpd
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport
 from coordinator import strategies
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, strategy_options
 from coordinator.fairness import jain_index
 from coordinator.ingest import payload_limit, validate
 from coordinator.store import Store
@@ -91,6 +91,8 @@ class Coordinator:
 
     def _from_config(self) -> Strategy:
         if self._options is None:  # built once: the calibration runner is reused by rebuilt strategies
+            cfg = self.cfg
+            strategy_options({"name": cfg.strategy, **cfg.strategy_options}, cfg.source, complete=True)
             self._options = self._strategy_options()
         try:
             return strategies.build(self.cfg.strategy, **self._options)

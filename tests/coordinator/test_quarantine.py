@@ -32,7 +32,7 @@ def test_a_failing_update_is_retried_with_backoff_then_quarantined(tmp_path: Pat
     path = tomlfile.write(
         tmp_path / "c.toml",
         {"federation": "t", "bundle": str(tiny_bundle), "database": str(tmp_path / "c.sqlite"),
-         "broker": {"url": "mqtt://127.0.0.1:1"}},
+         "broker": {"url": "mqtt://127.0.0.1:1"}, "strategy": {"k": 2}},
     )  # fmt: skip
     now = [1000.0]
     Poisoned.attempts = 0
