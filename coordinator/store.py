@@ -124,6 +124,11 @@ class Store:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?)", (device_id, key_hex, profile, time.time()))
 
+    def remove_device(self, device_id: str) -> bool:
+        """Forget a device's key (its stored updates stay, for the record); False if it was unknown."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,)).rowcount > 0
+
     def device_key(self, device_id: str) -> bytes | None:
         row = self._db.execute("SELECT key_hex FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         return bytes.fromhex(row[0]) if row else None

@@ -39,7 +39,14 @@ def coordinator(tmp_path: Path, bundle: Path, **strategy: object) -> Coordinator
 
 
 def update(
-    bundle: Path, base_version: int, scale: float = 0.01, eval_loss: float = math.nan, samples: int = 4
+    bundle: Path,
+    base_version: int,
+    scale: float = 0.01,
+    eval_loss: float = math.nan,
+    samples: int = 4,
+    *,
+    device_id: str = "dev-1",
+    key: bytes = KEY,
 ) -> bytes:
     m = load_manifest(bundle)
     deltas = {
@@ -47,7 +54,7 @@ def update(
         for lid, (o, i) in m.delta_shapes().items()
     }
     msg = protocol.AdapterUpdate(
-        "dev-1",
+        device_id,
         uuid.uuid4().hex,
         1,
         base_version,
@@ -61,7 +68,7 @@ def update(
         deltas,
         eval_loss,
     )
-    return protocol.encode_update(msg, KEY, "int8c", "deflate")
+    return protocol.encode_update(msg, key, "int8c", "deflate")
 
 
 def test_resend_after_the_version_moved_on_is_answered_as_accepted(tmp_path: Path, tiny_bundle: Path) -> None:
@@ -111,7 +118,9 @@ def test_garbage_is_rejected_with_a_reason(tmp_path: Path, tiny_bundle: Path) ->
 
 
 def test_a_bad_strategy_option_names_the_config_section(tmp_path: Path, tiny_bundle: Path) -> None:
-    with pytest.raises(ConfigError, match=r"c.toml: unknown field \[strategy\].bogus; expected one of error_feedback, k,"):
+    with pytest.raises(
+        ConfigError, match=r"c.toml: unknown field \[strategy\].bogus; expected one of error_feedback, k,"
+    ):
         coordinator(tmp_path, tiny_bundle, bogus=1)
 
 
