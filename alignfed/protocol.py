@@ -38,6 +38,7 @@ WIRE_VERSION = "1"
 MAX_HEADER_BYTES = 1 << 20
 MAX_DIMS = 8  # a wire tensor has at most this many dimensions (factors: 2, scales: 1)
 MAX_DIM = 1 << 32  # ... each at most this long; bounds the arithmetic on shapes before any allocation
+MAX_ELEMENTS = 1 << 40  # ... and their non-zero dimensions multiply to at most this
 _INT64 = 1 << 63  # header integers land in SQLite INTEGER columns
 CODECS = ("none", "deflate")
 _DEFLATE_MAGIC = b"AFZ1"
@@ -218,6 +219,8 @@ def _tensor_entry(name: str, info: object) -> tuple[np.dtype[Any], tuple[int, ..
             f"tensor {name!r}: shape {_short(shape)}; expected a list of integers in [0, {MAX_DIM}], "
             f"at most {MAX_DIMS} of them"
         )
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # numpy refuses such shapes even when empty
+        raise ProtocolError(f"tensor {name!r}: shape {_short(shape)} has more than {MAX_ELEMENTS} elements")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and 0 <= x < _INT64 for x in offsets):
         raise ProtocolError(f"tensor {name!r}: data_offsets {_short(offsets)}; expected two integers [start, end]")
     return _DTYPES[dtype_name], tuple(shape), (offsets[0], offsets[1])
@@ -509,7 +512,8 @@ def decode_ack(payload: bytes) -> Ack:
         value = raw.get(name)
         ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
         if not ok or (isinstance(value, int) and not -_INT64 <= value < _INT64):
-            raise ProtocolError(f"malformed ack: field {name!r} is {_short(value)}; expected a {typ.__name__}")
+            expected = {str: "a string", int: "an integer", bool: "true or false"}[typ]
+            raise ProtocolError(f"malformed ack: field {name!r} is {_short(value)}; expected {expected}")
     return Ack(
         device_id=raw["device_id"],
         update_id=raw["update_id"],

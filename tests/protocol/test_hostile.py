@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from alignfed import protocol
@@ -48,3 +50,18 @@ def test_deep_nesting_is_reported_as_such() -> None:
 def test_header_integers_must_fit_64_bits() -> None:
     with pytest.raises(ProtocolError, match=r"header field 'seq'=.* expected an integer of at most 64 bits"):
         protocol.decode_update(HOSTILE_TENSOR_MESSAGES["update with seq 10**30"], LIMIT)
+
+
+def test_hostile_messages_fail_in_the_checks_not_in_the_last_guard() -> None:
+    """The guard at each decoder catches what the checks missed ("malformed <what>: SomeError: ...");
+    none of these may need it."""
+    guard = re.compile(r"^malformed [a-z ]+: [A-Za-z]*(Error|Exception|Overflow)\b")
+    for name, payload in HOSTILE_TENSOR_MESSAGES.items():
+        for decode in (protocol.decode_update, protocol.decode_global):
+            with pytest.raises(ProtocolError) as info:
+                decode(payload, LIMIT)
+            assert not guard.match(str(info.value)), (name, str(info.value))
+    for name, payload in HOSTILE_JSON_MESSAGES.items():
+        with pytest.raises(ProtocolError) as info:
+            protocol.decode_ack(payload)
+        assert not guard.match(str(info.value)), (name, str(info.value))

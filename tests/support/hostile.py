@@ -42,6 +42,7 @@ HOSTILE_TENSOR_MESSAGES: dict[str, bytes] = {
     "shape 10**30 x 0": framed('{"x":{"dtype":"F32","shape":[' + "9" * 30 + ',0],"data_offsets":[0,0]}}'),
     "shape NaN": framed('{"x":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}', b"\0" * 4),
     "negative shape": framed({"x": {"dtype": "F32", "shape": [2, -2], "data_offsets": [0, 0]}}),
+    "empty, but huge other dims": framed({"x": {"dtype": "F32", "shape": [2**32] * 4 + [0], "data_offsets": [0, 0]}}),
     "huge shape product": framed({"x": {"dtype": "F32", "shape": [2**32] * 3, "data_offsets": [0, 0]}}),
     "1000 dims": framed({"x": {"dtype": "F32", "shape": [1] * 1000, "data_offsets": [0, 4]}}, b"\0" * 4),
     "bool shape": framed({"x": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4),
