@@ -99,7 +99,21 @@ def _export(args: argparse.Namespace) -> int:
 def _coordinator(args: argparse.Namespace) -> int:
     from coordinator import config as ccfg
 
+    if args.action == "init-broker":
+        from coordinator.devices import init_broker
+
+        if not (args.mosquitto_passwd and args.mosquitto_acl):
+            raise SystemExit("alignfed coordinator init-broker: --mosquitto-passwd and --mosquitto-acl are required")
+        print(init_broker(Path(args.config), passwd_file=args.mosquitto_passwd, acl_file=args.mosquitto_acl))
+        return 0
     cfg = ccfg.load(Path(args.config))
+    if args.action == "remove-device":
+        from coordinator.devices import remove_device
+
+        if not args.device_id:
+            raise SystemExit("alignfed coordinator remove-device: --device-id is required")
+        print(remove_device(cfg, args.device_id, passwd_file=args.mosquitto_passwd, acl_file=args.mosquitto_acl))
+        return 0
     if args.action == "add-device":
         from coordinator.devices import add_device
 
@@ -250,13 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(fn=_export)
 
-    c = sub.add_parser("coordinator", help="run the coordinator, or register a device")
-    c.add_argument("action", nargs="?", choices=["run", "add-device"], default="run")
+    c = sub.add_parser(
+        "coordinator",
+        help="run the coordinator, create its broker user (init-broker), add or remove a device",
+        description="init-broker: create the coordinator's Mosquitto user and ACL (allow_anonymous false) and "
+        "store its credentials in the config; add-device / remove-device: issue or revoke a device's key, "
+        "password and ACL block (send Mosquitto SIGHUP afterwards to reload its files).",
+    )
+    c.add_argument("action", nargs="?", choices=["run", "add-device", "remove-device", "init-broker"], default="run")
     c.add_argument("--config", required=True, help="coordinator.toml")
     c.add_argument("--device-id", help="add-device: id of the new device")
     c.add_argument("--profile", default="x86-laptop", help="add-device: the device's profile name")
-    c.add_argument("--mosquitto-passwd", help="add-device: Mosquitto password file to update")
-    c.add_argument("--mosquitto-acl", help="add-device: Mosquitto ACL file to update")
+    c.add_argument("--mosquitto-passwd", help="Mosquitto password file to update")
+    c.add_argument("--mosquitto-acl", help="Mosquitto ACL file to update")
     c.set_defaults(fn=_coordinator)
 
     f = sub.add_parser("flash", help="write a device's config from a firmware profile")

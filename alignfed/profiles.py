@@ -7,11 +7,11 @@ the device trains and how fast its link is.
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignfed import tomlfile
 from alignfed.errors import ConfigError
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware_profiles"
@@ -61,29 +61,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 def parse_profile(raw: dict[str, Any], source: str) -> DeviceProfile:
     """Build a profile from a TOML table, naming the file, field, expected and actual value."""
-    known = {f.name: f for f in fields(DeviceProfile)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {unknown}; expected some of {sorted(known)}")
-    values: dict[str, Any] = {}
-    for name, f in known.items():
-        if name not in raw:
-            if f.default is not MISSING:
-                continue
-            raise ConfigError(f"{source}: missing field {name!r}")
-        value: Any = raw[name]
-        typ: type = {"int": int, "float": float, "str": str}[str(f.type)]
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, typ) or isinstance(value, bool):
-            raise ConfigError(f"{source}: field {name!r} = {value!r}; expected a {typ.__name__}")
+    values = tomlfile.check_table(raw, tomlfile.fields_of(DeviceProfile), source=source)
+    for name, value in values.items():
         if name in _RANGES:
             lo, hi = _RANGES[name]
-            if not lo <= float(raw[name]) <= hi:
-                raise ConfigError(f"{source}: field {name!r} = {value!r}; expected {lo} ≤ value ≤ {hi}")
+            if not lo <= float(value) <= hi:
+                raise ConfigError(f"{source}: {name} = {value!r}; expected {lo} ≤ value ≤ {hi}")
         if name in _CHOICES and value not in _CHOICES[name]:
-            raise ConfigError(f"{source}: field {name!r} = {value!r}; expected one of {list(_CHOICES[name])}")
-        values[name] = value
+            raise ConfigError(f"{source}: {name} = {value!r}; expected one of {list(_CHOICES[name])}")
     return DeviceProfile(**values)
 
 
@@ -94,11 +79,7 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
         path = PROFILE_DIR / f"{name_or_path}.toml"
     if not path.is_file():
         raise ConfigError(f"no device profile {name_or_path!r}; available: {', '.join(available())}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
-    return parse_profile(raw, str(path))
+    return parse_profile(tomlfile.read(path), str(path))
 
 
 def available() -> list[str]:

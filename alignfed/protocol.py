@@ -18,15 +18,16 @@ of every wire tensor's name, dtype, shape and bytes, so a signature covers exact
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import math
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,8 +36,23 @@ from alignfed.lowrank import Factors, dequantize_rows, quantize_rows
 
 WIRE_VERSION = "1"
 MAX_HEADER_BYTES = 1 << 20
+MAX_DIMS = 8  # a wire tensor has at most this many dimensions (factors: 2, scales: 1)
+MAX_DIM = 1 << 32  # ... each at most this long; bounds the arithmetic on shapes before any allocation
+MAX_ELEMENTS = 1 << 40  # ... and their non-zero dimensions multiply to at most this
+_INT64 = 1 << 63  # header integers land in SQLite INTEGER columns
 CODECS = ("none", "deflate")
 _DEFLATE_MAGIC = b"AFZ1"
+
+# How each topic (under alignfed/{federation}/) travels: (QoS, retained). docs/protocol.md's table
+# is checked against this one. Both status topics carry their sender's last will, which the
+# transport sets at QoS 1, so their own messages go at QoS 1 too.
+DELIVERY: dict[str, tuple[int, bool]] = {
+    "global/adapter": (1, True),
+    "global/status": (1, True),
+    "devices/{id}/update": (1, False),
+    "devices/{id}/ack": (1, False),
+    "devices/{id}/status": (1, True),
+}
 
 _DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
@@ -45,6 +61,59 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     "I64": np.dtype("<i8"),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding hostile input
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# What a decoder may raise on input nobody checked for; turned into ProtocolError at the boundary
+# so a receiver rejects the message instead of dying of it (issue 10).
+_UNEXPECTED = (
+    ArithmeticError,
+    LookupError,
+    TypeError,
+    ValueError,
+    RecursionError,
+    MemoryError,
+    struct.error,
+    zlib.error,
+)
+
+
+def _decoder(what: str) -> Callable[[F], F]:
+    """Every decoder's last line of defence: anything but ProtocolError becomes one, naming `what`.
+
+    The checks in the decoders name the field at fault; this only catches what they missed."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except _UNEXPECTED as exc:
+                raise ProtocolError(f"malformed {what}: {type(exc).__name__}: {_short(str(exc), 160)}") from None
+
+        return guarded  # type: ignore[return-value]
+
+    return wrap
+
+
+def _field(meta: Mapping[str, str], name: str, typ: type) -> Any:
+    """Header field `name` of a tensor message as `typ`; integers must fit 64 bits (SQLite, numpy)."""
+    if name not in meta:
+        raise ProtocolError(f"header field {name!r} is missing")
+    text = meta[name]
+    if typ is str:
+        return text
+    try:
+        value = typ(text)
+    except ValueError:
+        raise ProtocolError(f"header field {name!r}={_short(text)} is not a {typ.__name__}") from None
+    if typ is int and not -_INT64 <= value < _INT64:
+        raise ProtocolError(f"header field {name!r}={_short(text)}; expected an integer of at most 64 bits")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +162,7 @@ def _inflate(payload: bytes, max_bytes: int) -> bytes:
     return blob
 
 
+@_decoder("tensor message")
 def unpack(payload: bytes, max_bytes: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse a safetensors blob (plain or deflated), checking every size and offset before touching the data.
 
@@ -107,31 +177,77 @@ def unpack(payload: bytes, max_bytes: int) -> tuple[dict[str, np.ndarray], dict[
     (n,) = struct.unpack("<Q", payload[:8])
     if n > MAX_HEADER_BYTES or 8 + n > len(payload):
         raise ProtocolError(f"safetensors header length {n} does not fit a {len(payload)}-byte payload")
-    try:
-        header = json.loads(payload[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"safetensors header is not JSON: {exc}") from exc
+    header = strict_json(payload[8 : 8 + n], "safetensors header")
     if not isinstance(header, dict):
-        raise ProtocolError("safetensors header is not a JSON object")
+        raise ProtocolError(f"safetensors header is not a JSON object but a JSON {_kind(header)}")
     meta = header.pop("__metadata__", {}) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ProtocolError("__metadata__ must map strings to strings")
     data = memoryview(payload)[8 + n :]
     tensors: dict[str, np.ndarray] = {}
     for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"tensor {name!r}: malformed header entry {info!r}") from exc
-        count = math.prod(shape)
-        if any(d < 0 for d in shape) or not 0 <= start <= end <= len(data) or end - start != count * dtype.itemsize:
+        dtype, shape, (start, end) = _tensor_entry(name, info)
+        count = math.prod(shape)  # ≤ MAX_DIM ** MAX_DIMS: exact Python integers, no overflow
+        if not 0 <= start <= end <= len(data) or end - start != count * dtype.itemsize:
             raise ProtocolError(
-                f"tensor {name!r}: shape {list(shape)} and offsets [{start}, {end}] do not fit the data"
+                f"tensor {name!r}: shape {list(shape)} and offsets [{start}, {end}] do not fit the data "
+                f"({len(data)} bytes)"
             )
         tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
     return tensors, dict(meta)
+
+
+def _kind(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_entry(name: str, info: object) -> tuple[np.dtype[Any], tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, offsets) of one header entry, every field type- and range-checked."""
+    if not isinstance(info, dict):
+        raise ProtocolError(f"tensor {name!r}: header entry is a JSON {_kind(info)}, expected an object")
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+        raise ProtocolError(f"tensor {name!r}: dtype {_short(dtype_name)}; expected one of {', '.join(_DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
+        raise ProtocolError(
+            f"tensor {name!r}: shape {_short(shape)}; expected a list of integers in [0, {MAX_DIM}], "
+            f"at most {MAX_DIMS} of them"
+        )
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # numpy refuses such shapes even when empty
+        raise ProtocolError(f"tensor {name!r}: shape {_short(shape)} has more than {MAX_ELEMENTS} elements")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and 0 <= x < _INT64 for x in offsets):
+        raise ProtocolError(f"tensor {name!r}: data_offsets {_short(offsets)}; expected two integers [start, end]")
+    return _DTYPES[dtype_name], tuple(shape), (offsets[0], offsets[1])
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr of a hostile value, cut short so a log line stays a line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(raw: bytes | memoryview, what: str) -> Any:
+    """Parse JSON from the wire: NaN/Infinity refused, nesting that exhausts the parser reported as such.
+
+    Python's json parser recurses per nesting level; 100,000 brackets raise RecursionError, which
+    must not escape as if it were a bug.
+    """
+    try:
+        return json.loads(bytes(raw), parse_constant=_no_constant)
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply to be a message") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ProtocolError(f"{what} is not JSON: {_short(str(exc), 160)}") from None
 
 
 def _digest(meta: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> bytes:
@@ -303,6 +419,7 @@ def encode_update(update: AdapterUpdate, key: bytes, quantization: str = "fp32",
     return pack(tensors, meta, codec)
 
 
+@_decoder("adapter update")
 def decode_update(payload: bytes, max_bytes: int) -> Decoded:
     """Decode an update; raises ProtocolError naming the first problem found. Does not verify."""
     tensors, meta = unpack(payload, max_bytes)
@@ -310,18 +427,8 @@ def decode_update(payload: bytes, max_bytes: int) -> Decoded:
         raise ProtocolError(f"message type is {meta.get('type')!r}, expected 'adapter_update'")
     if meta.get("wire") != WIRE_VERSION:
         raise ProtocolError(f"wire version {meta.get('wire')!r}, expected {WIRE_VERSION!r}")
-    fields: dict[str, Any] = {}
-    for name, typ in _UPDATE_FIELDS.items():
-        if name not in meta:
-            raise ProtocolError(f"header field {name!r} is missing")
-        try:
-            fields[name] = typ(meta[name])
-        except ValueError as exc:
-            raise ProtocolError(f"header field {name!r}={meta[name]!r} is not a {typ.__name__}") from exc
-    try:
-        fields["eval_loss"] = float(meta.get("eval_loss", "nan"))
-    except ValueError as exc:
-        raise ProtocolError(f"header field 'eval_loss'={meta['eval_loss']!r} is not a float") from exc
+    fields: dict[str, Any] = {name: _field(meta, name, typ) for name, typ in _UPDATE_FIELDS.items()}
+    fields["eval_loss"] = _field({"eval_loss": "nan", **meta}, "eval_loss", float)
     quant = meta.get("quantization", "fp32")
     parts: dict[str, dict[str, np.ndarray]] = {}
     for name, arr in tensors.items():
@@ -362,55 +469,69 @@ def encode_global(g: GlobalAdapter) -> bytes:
     return pack({k: np.asarray(v, dtype=np.float32) for k, v in g.tensors.items()}, meta)
 
 
+@_decoder("global adapter")
 def decode_global(payload: bytes, max_bytes: int) -> GlobalAdapter:
     tensors, meta = unpack(payload, max_bytes)
     if meta.get("type") != "global_adapter":
-        raise ProtocolError(f"message type is {meta.get('type')!r}, expected 'global_adapter'")
-    try:
-        return GlobalAdapter(
-            version=int(meta["version"]),
-            parent_version=int(meta["parent_version"]),
-            bundle=meta["bundle"],
-            strategy=meta["strategy"],
-            created_at=float(meta["created_at"]),
-            rank=int(meta["rank"]),
-            alpha=float(meta["alpha"]),
-            tensors={k: np.array(v, dtype=np.float32) for k, v in tensors.items()},
-            metrics=json.loads(meta.get("metrics", "{}")),
-        )
-    except (KeyError, ValueError) as exc:
-        raise ProtocolError(f"global adapter header: {exc!r}") from exc
+        raise ProtocolError(f"message type is {_short(meta.get('type'))}, expected 'global_adapter'")
+    metrics = strict_json(meta.get("metrics", "{}").encode(), "global adapter metrics")
+    if not isinstance(metrics, dict):
+        raise ProtocolError(f"global adapter metrics are a JSON {_kind(metrics)}, expected an object")
+    return GlobalAdapter(
+        version=_field(meta, "version", int),
+        parent_version=_field(meta, "parent_version", int),
+        bundle=_field(meta, "bundle", str),
+        strategy=_field(meta, "strategy", str),
+        created_at=_field(meta, "created_at", float),
+        rank=_field(meta, "rank", int),
+        alpha=_field(meta, "alpha", float),
+        tensors={k: np.array(v, dtype=np.float32) for k, v in tensors.items()},
+        metrics=metrics,
+    )
 
 
 def encode_ack(ack: Ack) -> bytes:
     return json.dumps({"type": "ack", **_asdict(ack)}, sort_keys=True).encode()
 
 
+_ACK_FIELDS: dict[str, type] = {
+    "device_id": str,
+    "update_id": str,
+    "accepted": bool,
+    "reason": str,
+    "global_version": int,
+}
+
+
+@_decoder("ack")
 def decode_ack(payload: bytes) -> Ack:
-    try:
-        raw = json.loads(payload)
-        return Ack(
-            device_id=str(raw["device_id"]),
-            update_id=str(raw["update_id"]),
-            accepted=bool(raw["accepted"]),
-            reason=str(raw["reason"]),
-            global_version=int(raw["global_version"]),
-        )
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed ack: {exc!r}") from exc
+    raw = strict_json(payload, "ack")
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"malformed ack: a JSON {_kind(raw)}, expected an object")
+    for name, typ in _ACK_FIELDS.items():
+        value = raw.get(name)
+        ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
+        if not ok or (isinstance(value, int) and not -_INT64 <= value < _INT64):
+            expected = {str: "a string", int: "an integer", bool: "true or false"}[typ]
+            raise ProtocolError(f"malformed ack: field {name!r} is {_short(value)}; expected {expected}")
+    return Ack(
+        device_id=raw["device_id"],
+        update_id=raw["update_id"],
+        accepted=raw["accepted"],
+        reason=raw["reason"],
+        global_version=raw["global_version"],
+    )
 
 
 def encode_status(status: Mapping[str, Any]) -> bytes:
     return json.dumps(dict(status), sort_keys=True, default=float).encode()
 
 
+@_decoder("status")
 def decode_status(payload: bytes) -> dict[str, Any]:
-    try:
-        raw = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed status: {exc!r}") from exc
+    raw = strict_json(payload, "status")
     if not isinstance(raw, dict):
-        raise ProtocolError("status must be a JSON object")
+        raise ProtocolError(f"status is a JSON {_kind(raw)}, expected an object")
     return raw
 
 

@@ -1,4 +1,8 @@
-"""Coordinator configuration (`coordinator.toml`), validated on load."""
+"""Coordinator configuration (`coordinator.toml`), validated on load by the typed loader.
+
+Strategy options are checked against the chosen strategy's own constructor (or config dataclass),
+read by introspection, so an option a strategy gains is accepted here with its type checked.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,21 @@ from typing import Any
 
 from alignfed import tomlfile
 from alignfed.errors import ConfigError
+from alignfed.tomlfile import Field, check_table, subtable
 from alignfed.topics import check_id
 from alignfed.transport import BrokerConfig
+from coordinator import strategies
 from coordinator.ingest import IngestLimits
+
+_TOP = {
+    "federation": Field("federation", str),
+    "bundle": Field("bundle", str),
+    "database": Field("database", str, "coordinator.sqlite"),
+    "client_id": Field("client_id", str, "alignfed-coordinator"),
+    **{name: Field(name, Any, {}) for name in ("broker", "strategy", "ingest", "calibration")},
+}
+_BROKER = tomlfile.fields_of(BrokerConfig)
+_CALIBRATION = {"data": Field("data", str, ""), "tokens": Field("tokens", int, 256)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,55 +41,50 @@ class CoordinatorConfig:
     client_id: str = "alignfed-coordinator"
     calibration_data: Path | None = None  # JSONL/text for the alignment mini-batch (alignfed strategy)
     calibration_tokens: int = 256
+    source: str = "coordinator config"  # the file it was read from, for error messages
+
+
+def strategy_options(raw: dict[str, Any], source: str | Path, *, complete: bool = False) -> tuple[str, dict[str, Any]]:
+    """(name, typed options) of a `[strategy]` table; options checked against the strategy's signature.
+
+    Options the strategy requires (fedbuff's k) are only demanded with `complete`, when the
+    coordinator builds the strategy: `add-device` reads the same file and needs none of them."""
+    options = dict(raw)
+    name = options.pop("name", "fedbuff")
+    if not isinstance(name, str) or name not in strategies.NAMES:
+        raise ConfigError(f"{source}: [strategy].name = {name!r}; expected one of {', '.join(strategies.NAMES)}")
+    spec = tomlfile.fields_of(strategies.strategy_class(name))
+    return name, check_table(options, spec, source=source, table="strategy", complete=complete)
 
 
 def load(path: Path) -> CoordinatorConfig:
     raw = tomlfile.read(path)
     base = Path(path).resolve().parent
-
-    def need(table: dict[str, Any], name: str, where: str) -> Any:
-        if name not in table:
-            raise ConfigError(f"{path}: missing field {where}{name!r}")
-        return table[name]
+    top = check_table(raw, _TOP, source=path)
 
     def rel(p: str) -> Path:
         q = Path(p)
         return q if q.is_absolute() else base / q
 
-    broker_raw = raw.get("broker", {})
-    strat = dict(raw.get("strategy", {}))
-    name = strat.pop("name", "fedbuff")
-    lim = raw.get("ingest", {})
-    casts = {"max_payload_bytes": int, "max_delta_norm": float, "tau_max": int}
-    unknown = sorted(set(lim) - set(casts))
-    if unknown:
-        raise ConfigError(f"{path}: [ingest] unknown field(s) {unknown}; expected some of {sorted(casts)}")
-    values: dict[str, Any] = {}
-    for field_name, cast in casts.items():
-        if field_name in lim:
-            value = lim[field_name]
-            try:
-                values[field_name] = cast(value)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{path}: [ingest].{field_name} = {value!r}; expected a {cast.__name__}") from exc
-            if values[field_name] < 0:
-                raise ConfigError(f"{path}: [ingest].{field_name} = {value!r}; expected a value ≥ 0")
-    limits = IngestLimits(**values)
-    calib = raw.get("calibration", {})
+    broker = check_table(subtable(raw, "broker", source=path), _BROKER, source=path, table="broker")
+    name, options = strategy_options(subtable(raw, "strategy", source=path), path)
+    limits = check_table(
+        subtable(raw, "ingest", source=path), tomlfile.fields_of(IngestLimits), source=path, table="ingest"
+    )
+    for key, value in limits.items():
+        if value < 0:
+            raise ConfigError(f"{path}: [ingest].{key} = {value!r}; expected a value ≥ 0")
+    calib = check_table(subtable(raw, "calibration", source=path), _CALIBRATION, source=path, table="calibration")
     return CoordinatorConfig(
-        federation=check_id(str(need(raw, "federation", "")), "federation id"),
-        bundle=rel(str(need(raw, "bundle", ""))),
-        database=rel(str(raw.get("database", "coordinator.sqlite"))),
-        broker=BrokerConfig(
-            url=str(need(broker_raw, "url", "[broker].")),
-            username=str(broker_raw.get("username", "")),
-            password=str(broker_raw.get("password", "")),
-            ca_file=str(broker_raw.get("ca_file", "")),
-        ),
+        federation=check_id(top["federation"], "federation id"),
+        bundle=rel(top["bundle"]),
+        database=rel(top.get("database", "coordinator.sqlite")),
+        broker=BrokerConfig(**broker),
         strategy=name,
-        strategy_options=strat,
-        limits=limits,
-        client_id=str(raw.get("client_id", "alignfed-coordinator")),
-        calibration_data=rel(calib["data"]) if "data" in calib else None,
-        calibration_tokens=int(calib.get("tokens", 256)),
+        strategy_options=options,
+        limits=IngestLimits(**limits),
+        client_id=top.get("client_id", "alignfed-coordinator"),
+        calibration_data=rel(calib["data"]) if calib.get("data") else None,
+        calibration_tokens=calib.get("tokens", 256),
+        source=str(path),
     )

@@ -22,13 +22,16 @@ from alignfed.errors import ConfigError, ProtocolError, RejectedUpdate
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport
 from coordinator import strategies
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, strategy_options
 from coordinator.fairness import jain_index
 from coordinator.ingest import payload_limit, validate
 from coordinator.store import Store
 from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate, Strategy
 
 log = logging.getLogger(__name__)
+
+MAX_AGGREGATION_ATTEMPTS = 3  # failures in a row before the failing updates are quarantined
+AGGREGATION_BACKOFF_S = 1.0  # wait after the first failure; doubles after each
 
 
 class Coordinator:
@@ -38,9 +41,11 @@ class Coordinator:
         self,
         cfg: CoordinatorConfig,
         *,
-        strategy: Strategy | None = None,
+        strategy: Strategy | Callable[[], Strategy] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`strategy`: the strategy, or a function that builds a fresh one (default: from the config).
+        A fresh one is needed to isolate and quarantine an update whose aggregation keeps failing."""
         self.cfg = cfg
         self.topics = Topics(cfg.federation)
         self.manifest = mf.load(cfg.bundle)
@@ -58,11 +63,27 @@ class Coordinator:
         else:
             self._publishable = self.store.version(latest)[0]
         self.current = self._state(self.store.latest_version() or 0)
-        try:
-            self.strategy = strategy or strategies.build(cfg.strategy, **self._strategy_options())
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"coordinator config: [strategy] name = {cfg.strategy!r}: {exc}") from exc
+        self._options: dict[str, Any] | None = None
+        if isinstance(strategy, Strategy):
+            self.strategy = strategy
+            self._build: Callable[[], Strategy] = self._from_config
+        else:
+            self._build = strategy or self._from_config
+            self.strategy = self._build()
+        # Aggregation failures: retried with backoff, then the failing updates are quarantined.
+        self.aggregation_failures = 0
+        self._retry_at = -math.inf
         self._restore_buffer()
+
+    def _from_config(self) -> Strategy:
+        if self._options is None:  # built once: the calibration runner is reused by rebuilt strategies
+            cfg = self.cfg
+            strategy_options({"name": cfg.strategy, **cfg.strategy_options}, cfg.source, complete=True)
+            self._options = self._strategy_options()
+        try:
+            return strategies.build(self.cfg.strategy, **self._options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"coordinator config: [strategy] name = {self.cfg.strategy!r}: {exc}") from exc
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -256,6 +277,8 @@ class Coordinator:
             "version": self.current.version,
             "strategy": self.strategy.name,
             **self._fleet_metrics(),
+            "aggregation_failures": self.aggregation_failures,
+            "quarantined": self.store.quarantined(),
             "last_aggregation": {
                 k: self.last_metrics[k]
                 for k in ("alignment_residual", "staleness", "weights", "trigger", "residual_norm", "residual_dropped")
@@ -287,14 +310,67 @@ class Coordinator:
         self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))
         self._aggregate_and_publish()
 
-    def _aggregate_and_publish(self) -> None:
+    def aggregate_step(self) -> protocol.GlobalAdapter | None:
+        """Aggregate if ready and not backing off after a failure; publish when connected.
+
+        An aggregation that raises is retried after AGGREGATION_BACKOFF_S · 2^(n−1) seconds; after
+        MAX_AGGREGATION_ATTEMPTS failures in a row the updates that make it fail are quarantined,
+        so one bad update cannot stall the federation (issue 10, defect 8)."""
+        now = self.clock()
+        if now < self._retry_at:
+            return None
         try:
             published = self.maybe_aggregate()
-        except Exception:  # the buffer stays in SQLite; the next trigger retries
-            log.exception("aggregation failed at version %d; the buffered updates are kept", self.current.version)
-            return
-        if published is not None:
+        except Exception as exc:  # the buffer stays in SQLite
+            self._aggregation_failed(exc, now)
+            return None
+        self.aggregation_failures = 0
+        if published is not None and self.transport is not None:
             self.publish_global()
+        return published
+
+    def _aggregation_failed(self, exc: Exception, now: float) -> None:
+        self.aggregation_failures += 1
+        n = self.aggregation_failures
+        if n == 1:  # the traceback once, for the bug report; then one line per retry
+            log.exception("aggregation failed at version %d", self.current.version)
+        if n < MAX_AGGREGATION_ATTEMPTS:
+            delay = min(AGGREGATION_BACKOFF_S * 2 ** (n - 1), 60.0)
+            self._retry_at = now + delay
+            log.error("aggregation failed %d times (%s: %s); retrying in %.1f s", n, type(exc).__name__, exc, delay)
+            return
+        self.quarantine_failing(f"aggregation failed {n} times ({type(exc).__name__}: {exc})", now)
+
+    def quarantine_failing(self, why: str, now: float) -> list[str]:
+        """Find the buffered updates aggregation fails on, move them out of the buffer; returns their ids.
+
+        Each update is tried alone on a fresh strategy; those that fail alone are the culprits. When
+        every one passes alone (they fail only together), the whole buffer is quarantined."""
+        pending = self.strategy.pending()
+        culprits: dict[str, tuple[str, str]] = {}  # update id -> (device, what failed)
+        for update in pending:
+            probe = self._build()
+            try:
+                probe.add(update, self.current.version)
+                probe.aggregate(self.current, now)
+            except Exception as exc:
+                culprits[update.update_id] = (update.device_id, f"{type(exc).__name__}: {exc}")
+        if not culprits:
+            culprits = {u.update_id: (u.device_id, "fails only together with the rest of the buffer") for u in pending}
+        for update_id, (device_id, alone) in culprits.items():
+            reason = f"quarantined: {why}; alone: {alone}"[:500]
+            self.store.quarantine(device_id, update_id, reason)
+            log.error("quarantined update %s from %s: %s", update_id[:8], device_id, reason)
+        self.strategy = self._build()  # the buffer again, without them
+        self._restore_buffer()
+        self.aggregation_failures = 0
+        self._retry_at = -math.inf
+        if self.transport is not None:
+            self.transport.publish(self.topics.global_status, protocol.encode_status(self.status()), retain=True)
+        return list(culprits)
+
+    def _aggregate_and_publish(self) -> None:
+        self.aggregate_step()
 
     def publish_global(self) -> None:
         assert self.transport is not None

@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS updates (
     train_loss   REAL NOT NULL,
     eval_loss    REAL,           -- base version's loss on the device's held-out examples, if measured
     received_at  REAL NOT NULL,
-    status       TEXT NOT NULL CHECK (status IN ('pending', 'aggregated', 'rejected')),
+    status       TEXT NOT NULL CHECK (status IN ('pending', 'aggregated', 'rejected', 'quarantined')),
     reason       TEXT NOT NULL DEFAULT '',
     version      INTEGER,        -- the global version that folded it in
     weight       REAL,
@@ -60,6 +60,10 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE INDEX IF NOT EXISTS updates_status ON updates(status);
 CREATE INDEX IF NOT EXISTS updates_device_time ON updates(device_id, received_at);
 """
+
+
+_UPDATES_DDL = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS updates (") : _SCHEMA.index("CREATE INDEX")]
+_INDEXES = _SCHEMA[_SCHEMA.index("CREATE INDEX") :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,17 @@ class Store:
         columns = {str(row[1]) for row in self._db.execute("PRAGMA table_info(updates)")}
         if "eval_loss" not in columns:
             self._db.execute("ALTER TABLE updates ADD COLUMN eval_loss REAL")
+        (ddl,) = self._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'updates'").fetchone()
+        if "'quarantined'" not in ddl:  # SQLite cannot alter a CHECK constraint: copy into a new table
+            names = ", ".join(str(row[1]) for row in self._db.execute("PRAGMA table_info(updates)"))
+            with self._tx() as db:
+                db.execute(_UPDATES_DDL.replace("IF NOT EXISTS updates", "updates_new"))
+                db.execute(f"INSERT INTO updates_new ({names}) SELECT {names} FROM updates")
+                db.execute("DROP TABLE updates")
+                db.execute("ALTER TABLE updates_new RENAME TO updates")
+                for statement in _INDEXES.strip().split(";"):
+                    if statement.strip():
+                        db.execute(statement)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -108,6 +123,11 @@ class Store:
     def add_device(self, device_id: str, key_hex: str, profile: str) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?)", (device_id, key_hex, profile, time.time()))
+
+    def remove_device(self, device_id: str) -> bool:
+        """Forget a device's key (its stored updates stay, for the record); False if it was unknown."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,)).rowcount > 0
 
     def device_key(self, device_id: str) -> bytes | None:
         row = self._db.execute("SELECT key_hex FROM devices WHERE device_id = ?", (device_id,)).fetchone()
@@ -221,6 +241,26 @@ class Store:
                 (reason, device_id, update_id),
             )
 
+    def quarantine(self, device_id: str, update_id: str, reason: str) -> None:
+        """Move a pending update out of the buffer: it was acknowledged, but aggregating it keeps failing.
+
+        The payload is kept, so an operator can inspect it (and put it back by setting it pending)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE updates SET status = 'quarantined', reason = ? "
+                "WHERE device_id = ? AND update_id = ? AND status = 'pending'",
+                (reason, device_id, update_id),
+            )
+
+    def quarantined(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest quarantined updates: device, update id, when received and why."""
+        rows = self._db.execute(
+            "SELECT device_id, update_id, received_at, reason FROM updates WHERE status = 'quarantined' "
+            "ORDER BY received_at DESC, rowid DESC LIMIT ?",
+            (limit,),
+        )
+        return [{"device_id": d, "update_id": u, "received_at": t, "reason": r} for d, u, t, r in rows]
+
     def aggregated(self) -> list[tuple[str, int, int]]:
         """(device, base version, version that folded it in) of every aggregated update, oldest first."""
         rows = self._db.execute(
@@ -242,7 +282,9 @@ class Store:
         for device_id, status, n, nbytes in self._db.execute(
             "SELECT device_id, status, COUNT(*), SUM(bytes) FROM updates GROUP BY device_id, status"
         ):
-            d = per_device.setdefault(device_id, {"pending": 0, "aggregated": 0, "rejected": 0, "bytes": 0})
+            d = per_device.setdefault(
+                device_id, {"pending": 0, "aggregated": 0, "rejected": 0, "quarantined": 0, "bytes": 0}
+            )
             d[status] = int(n)
             d["bytes"] += int(nbytes or 0)
         return per_device

@@ -9,6 +9,7 @@ from typing import Any
 from alignfed import protocol, tomlfile
 from alignfed.errors import ConfigError
 from alignfed.profiles import DeviceProfile, load_profile
+from alignfed.tomlfile import Field, check_table, number_at_least, subtable
 from alignfed.topics import check_id
 from alignfed.transport import BrokerConfig
 
@@ -34,67 +35,54 @@ class DeviceConfig:
     seed: int = 0
 
 
+# device.toml's fields: the DeviceConfig fields, with what the file holds in place of loaded objects
+_FIELDS = {
+    **tomlfile.fields_of(DeviceConfig, skip=("bundle", "data", "state_dir", "profile", "key", "broker")),
+    **{name: Field(name, str) for name in ("bundle", "data", "profile", "key")},
+    "state_dir": Field("state_dir", str, ""),
+    "broker": Field("broker", Any, {}),
+}
+_BROKER = tomlfile.fields_of(BrokerConfig)
+_AT_LEAST = {"delta_rank": 0, "eval_examples": 0, "max_rounds": 0, "max_outbox": 1, "resend_after_s": 0.1, "seed": 0}
+
+
 def load(path: Path) -> DeviceConfig:
     raw = tomlfile.read(path)
     base = Path(path).resolve().parent
-
-    def need(name: str) -> object:
-        if name not in raw:
-            raise ConfigError(f"{path}: missing field {name!r}")
-        return raw[name]
+    values = check_table(raw, _FIELDS, source=path)
+    broker_raw = subtable(raw, "broker", source=path)
+    if "url" not in broker_raw:
+        raise ConfigError(f"{path}: missing field [broker].url (e.g. mqtt://gateway:1883)")
+    broker = check_table(broker_raw, _BROKER, source=path, table="broker")
 
     def rel(p: object) -> Path:
         q = Path(str(p))
         return q if q.is_absolute() else base / q
 
-    broker = raw.get("broker", {})
-    if "url" not in broker:
-        raise ConfigError(f"{path}: missing field [broker].url (e.g. mqtt://gateway:1883)")
     try:
-        key = bytes.fromhex(str(need("key")))
+        key = bytes.fromhex(values["key"])
     except ValueError as exc:
         raise ConfigError(f"{path}: field 'key' must be hex (as issued by add-device)") from exc
-
-    def number(name: str, default: float, cast: type, lo: float) -> Any:
-        value = raw.get(name, default)
-        try:
-            out = cast(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{path}: {name} = {value!r}; expected a {cast.__name__}") from exc
-        if out < lo:
-            raise ConfigError(f"{path}: {name} = {value!r}; expected a value ≥ {lo}")
-        return out
-
-    quant = str(raw.get("wire_quantization", "int8c"))
+    for name, lo in _AT_LEAST.items():
+        if name in values:
+            number_at_least(values[name], lo, source=path, name=name)
+    quant = values.get("wire_quantization", "int8c")
     if quant not in protocol.QUANTIZATIONS:
         raise ConfigError(f"{path}: wire_quantization = {quant!r}; expected one of {', '.join(protocol.QUANTIZATIONS)}")
-    codec = str(raw.get("wire_codec", "deflate"))
+    codec = values.get("wire_codec", "deflate")
     if codec not in protocol.CODECS:
         raise ConfigError(f"{path}: wire_codec = {codec!r}; expected one of {', '.join(protocol.CODECS)}")
-    feedback = raw.get("delta_feedback", True)
-    if not isinstance(feedback, bool):
-        raise ConfigError(f"{path}: delta_feedback = {feedback!r}; expected true or false")
+    loaded = {name: values.pop(name) for name in ("bundle", "data", "state_dir", "profile", "key", "broker")
+              if name in values}  # fmt: skip
+    device_id = check_id(values.pop("device_id"), "device id")
     return DeviceConfig(
-        device_id=check_id(str(need("device_id")), "device id"),
-        federation=check_id(str(need("federation")), "federation id"),
-        bundle=rel(need("bundle")),
-        data=rel(need("data")),
-        state_dir=rel(raw.get("state_dir", f"state-{raw.get('device_id', 'device')}")),
-        profile=load_profile(str(need("profile"))),
+        device_id=device_id,
+        federation=check_id(values.pop("federation"), "federation id"),
+        bundle=rel(loaded["bundle"]),
+        data=rel(loaded["data"]),
+        state_dir=rel(loaded.get("state_dir") or f"state-{device_id}"),
+        profile=load_profile(loaded["profile"]),
         key=key,
-        broker=BrokerConfig(
-            url=str(broker["url"]),
-            username=str(broker.get("username", "")),
-            password=str(broker.get("password", "")),
-            ca_file=str(broker.get("ca_file", "")),
-        ),
-        wire_quantization=quant,
-        wire_codec=codec,
-        delta_rank=number("delta_rank", 0, int, 0),
-        delta_feedback=feedback,
-        eval_examples=number("eval_examples", 4, int, 0),
-        max_rounds=number("max_rounds", 0, int, 0),
-        max_outbox=number("max_outbox", 64, int, 1),
-        resend_after_s=number("resend_after_s", 30.0, float, 0.1),
-        seed=number("seed", 0, int, 0),
+        broker=BrokerConfig(**broker),
+        **values,
     )

@@ -71,7 +71,6 @@ class EdgeDaemon:
         self.cfg = cfg
         self.stop = stop or threading.Event()
         self.phase = Phase.BOOT
-        self.stats = DeviceStats()
         self.topics = Topics(cfg.federation)
         self.manifest = mf.load(cfg.bundle)
         mf.verify(cfg.bundle, self.manifest)
@@ -87,7 +86,14 @@ class EdgeDaemon:
         self.outbox = Outbox(cfg.state_dir / "outbox")
         self.uplink = Uplink(cfg.wire_quantization, cfg.delta_rank, feedback=cfg.delta_feedback)
         self._state_file = cfg.state_dir / "state.json"
-        self._seq = json.loads(self._state_file.read_text())["seq"] if self._state_file.exists() else 0
+        saved = json.loads(self._state_file.read_text()) if self._state_file.exists() else {}
+        self._seq = int(saved.get("seq", 0))
+        # Counters persist with seq, so acks for updates published before a restart count against
+        # those publishes. Every update still in the outbox was published (written there first),
+        # which covers a kill between the outbox write and saving the counters.
+        acked, rejected = int(saved.get("acked", 0)), int(saved.get("rejected", 0))
+        published = max(int(saved.get("published", 0)), acked + rejected + len(self.outbox))
+        self.stats = DeviceStats(published=published, acked=acked, rejected=rejected)
         self.global_adapter: protocol.GlobalAdapter | None = self._load_global()
         texts, held_out = hold_out(load_texts(cfg.data), cfg.eval_examples, cfg.seed)
         eos = int(self.manifest.tokenizer.get("eos_id", 0))
@@ -128,10 +134,14 @@ class EdgeDaemon:
         if not path.exists():
             return None
         try:
-            return protocol.decode_global(path.read_bytes(), MAX_GLOBAL_BYTES)
-        except ProtocolError as exc:
+            g = protocol.decode_global(path.read_bytes(), MAX_GLOBAL_BYTES)
+        except (ProtocolError, OSError) as exc:
             log.warning("ignoring corrupt %s: %s", path, exc)
             return None
+        if g.bundle != self.bundle or {k: tuple(v.shape) for k, v in g.tensors.items()} != self.manifest.lora_shapes():
+            log.warning("ignoring %s: global adapter v%d does not fit this bundle", path, g.version)
+            return None
+        return g
 
     def _save_global(self, payload: bytes, g: protocol.GlobalAdapter) -> None:
         path = self.cfg.state_dir / "global.adapter"
@@ -160,27 +170,37 @@ class EdgeDaemon:
 
     def _next_seq(self) -> int:
         self._seq += 1
-        tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seq": self._seq}))
-        tmp.replace(self._state_file)
+        self._save_state()
         return self._seq
+
+    def _save_state(self) -> None:
+        s = self.stats
+        state = {"seq": self._seq, "published": s.published, "acked": s.acked, "rejected": s.rejected}
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self._state_file)
 
     # -- messages ---------------------------------------------------------------------------------
 
     def _drain(self, timeout: float = 0.0) -> None:
         msg = self.transport.get(timeout=timeout)
         while msg is not None:
-            if msg.topic == self.topics.global_adapter:
-                self._on_global(msg.payload)
-            elif msg.topic == self.topics.ack(self.cfg.device_id):
-                self._on_ack(msg.payload)
+            try:
+                if msg.topic == self.topics.global_adapter:
+                    self._on_global(msg.payload)
+                elif msg.topic == self.topics.ack(self.cfg.device_id):
+                    self._on_ack(msg.payload)
+            except Exception as exc:  # a device never dies of a message (issue 10): one line, go on
+                log.error(
+                    "ignoring a message on %s that could not be handled: %s: %s", msg.topic, type(exc).__name__, exc
+                )
             msg = self.transport.get(timeout=0)
 
     def _on_global(self, payload: bytes) -> None:
         try:
             g = protocol.decode_global(payload, MAX_GLOBAL_BYTES)
         except ProtocolError as exc:
-            log.error("ignoring malformed global adapter: %s", exc)
+            log.error("ignoring malformed global adapter (keeping v%s): %s", self._version(), exc)
             return
         if g.bundle != self.bundle:
             log.error(
@@ -196,6 +216,9 @@ class EdgeDaemon:
             self.stats.versions_seen.append(g.version)
             log.info("%s: global adapter v%d", self.cfg.device_id, g.version)
 
+    def _version(self) -> int | None:
+        return self.global_adapter.version if self.global_adapter else None
+
     def _on_ack(self, payload: bytes) -> None:
         try:
             ack = protocol.decode_ack(payload)
@@ -208,6 +231,8 @@ class EdgeDaemon:
                 self.stats.acked += 1
             else:
                 self.stats.rejected += 1
+            self._save_state()
+            if not ack.accepted:
                 log.warning("%s: update %s rejected: %s", self.cfg.device_id, ack.update_id[:8], ack.reason)
 
     def _resend(self) -> None:
@@ -231,8 +256,9 @@ class EdgeDaemon:
             "profile": self.cfg.profile.name,
             "last_loss": self.stats.losses[-1] if self.stats.losses else None,
         }
+        qos, retain = protocol.DELIVERY["devices/{id}/status"]
         self.transport.publish(
-            self.topics.device_status(self.cfg.device_id), protocol.encode_status(body), qos=0, retain=True
+            self.topics.device_status(self.cfg.device_id), protocol.encode_status(body), qos=qos, retain=retain
         )
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -283,6 +309,7 @@ class EdgeDaemon:
         payload = protocol.encode_update(update, self.cfg.key, self.cfg.wire_quantization, self.cfg.wire_codec)
         self.outbox.put(update.seq, update.update_id, payload)
         self.stats.published += 1
+        self._save_state()
         if self.transport.publish(self.topics.update(self.cfg.device_id), payload, timeout=10):
             self._sent_at[update.update_id] = time.monotonic()
         log.info(

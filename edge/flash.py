@@ -10,6 +10,7 @@ from alignfed import tomlfile
 from alignfed.errors import ConfigError
 from alignfed.profiles import load_profile
 from alignfed.topics import check_id
+from alignfed.transport import BrokerConfig
 
 _UNIT = """[Unit]
 Description=AlignFed edge daemon ({device_id})
@@ -45,7 +46,11 @@ def flash(
     prof = load_profile(profile)
     check_id(device_id, "device id")
     check_id(federation, "federation id")
-    mf.load(bundle)  # a readable bundle, or a clear error now rather than at boot
+    # Everything the daemon would refuse at boot is refused now, on the operator's terminal.
+    mf.verify(bundle, mf.load(bundle))  # every file present with the manifest's sha256
+    if not Path(data).is_file():
+        raise ConfigError(f"--data {str(data)!r}: no such file (local training data, .jsonl, .json or text)")
+    BrokerConfig(broker).endpoint()  # mqtt://host:port or mqtts://host:port
     try:
         bytes.fromhex(key)
     except ValueError as exc:

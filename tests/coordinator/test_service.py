@@ -38,19 +38,28 @@ def coordinator(tmp_path: Path, bundle: Path, **strategy: object) -> Coordinator
     return c
 
 
-def update(bundle: Path, base_version: int, scale: float = 0.01, eval_loss: float = math.nan) -> bytes:
+def update(
+    bundle: Path,
+    base_version: int,
+    scale: float = 0.01,
+    eval_loss: float = math.nan,
+    samples: int = 4,
+    *,
+    device_id: str = "dev-1",
+    key: bytes = KEY,
+) -> bytes:
     m = load_manifest(bundle)
     deltas = {
         lid: Factors(u=np.full((o, 2), scale, np.float32), v=np.full((2, i), scale, np.float32))
         for lid, (o, i) in m.delta_shapes().items()
     }
     msg = protocol.AdapterUpdate(
-        "dev-1",
+        device_id,
         uuid.uuid4().hex,
         1,
         base_version,
         bundle_digest(m),
-        4,
+        samples,
         1,
         1.0,
         0.1,
@@ -59,7 +68,7 @@ def update(bundle: Path, base_version: int, scale: float = 0.01, eval_loss: floa
         deltas,
         eval_loss,
     )
-    return protocol.encode_update(msg, KEY, "int8c", "deflate")
+    return protocol.encode_update(msg, key, "int8c", "deflate")
 
 
 def test_resend_after_the_version_moved_on_is_answered_as_accepted(tmp_path: Path, tiny_bundle: Path) -> None:
@@ -109,7 +118,9 @@ def test_garbage_is_rejected_with_a_reason(tmp_path: Path, tiny_bundle: Path) ->
 
 
 def test_a_bad_strategy_option_names_the_config_section(tmp_path: Path, tiny_bundle: Path) -> None:
-    with pytest.raises(ConfigError, match=r"\[strategy\] name = 'fedbuff'"):
+    with pytest.raises(
+        ConfigError, match=r"c.toml: unknown field \[strategy\].bogus; expected one of error_feedback, k,"
+    ):
         coordinator(tmp_path, tiny_bundle, bogus=1)
 
 
@@ -120,10 +131,11 @@ def test_ingest_values_are_typed(tmp_path: Path, tiny_bundle: Path) -> None:
             "federation": "t",
             "bundle": str(tiny_bundle),
             "broker": {"url": "mqtt://h:1"},
+            "strategy": {"name": "fedbuff", "k": 2},
             "ingest": {"tau_max": "many"},
         },
     )
-    with pytest.raises(ConfigError, match=r"\[ingest\].tau_max = 'many'; expected a int"):
+    with pytest.raises(ConfigError, match=r"\[ingest\].tau_max = 'many'; expected an integer"):
         ccfg.load(path)
 
 
@@ -140,3 +152,18 @@ def test_fairness_history_survives_a_restart(tmp_path: Path, tiny_bundle: Path) 
     restarted = Coordinator(ccfg.load(path))
     assert restarted.current.version == 3
     assert restarted.strategy.participation() == ["dev-1"] * 3  # type: ignore[attr-defined]
+
+
+def test_hostile_payloads_get_a_malformed_reject_not_an_internal_error(
+    tmp_path: Path, tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10, defect 2: what crashed the decoders is answered `malformed: ...`, with no traceback."""
+    from tests.support.hostile import HOSTILE_TENSOR_MESSAGES
+
+    c = coordinator(tmp_path, tiny_bundle)
+    for name, payload in HOSTILE_TENSOR_MESSAGES.items():
+        ack = c.handle_update("dev-1", payload)
+        assert not ack.accepted and ack.reason.startswith("malformed: "), (name, ack.reason)
+        assert "\n" not in ack.reason
+    assert not any(r.exc_info for r in caplog.records)
+    assert c.store.stats() == {}  # nothing stored, nothing buffered

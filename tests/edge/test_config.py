@@ -38,7 +38,7 @@ def test_loads_with_defaults(tmp_path: Path) -> None:
     ("field", "value", "message"),
     [
         ("max_outbox", 0, "max_outbox = 0; expected a value ≥ 1"),
-        ("resend_after_s", "soon", "resend_after_s = 'soon'; expected a float"),
+        ("resend_after_s", "soon", "resend_after_s = 'soon'; expected a number"),
         ("wire_quantization", "int4", "expected one of fp32, int8, int8c"),
         ("wire_codec", "zstd", "wire_codec = 'zstd'; expected one of none, deflate"),
         ("key", "xyz", "must be hex"),
