@@ -1,20 +1,24 @@
 """Device profiles: what a class of device can spend on federated fine-tuning.
 
-One TOML file per device class lives in `firmware_profiles/`. A profile bounds the edge daemon
-(threads, batch, sequence length, local steps, memory, duty cycle) and tells the simulator how fast
-the device trains and how fast its link is.
+One TOML file per device class lives in `alignfed/firmware_profiles/` (package data, so a wheel or
+a non-editable install carries them). A profile bounds the edge daemon (threads, batch, sequence
+length, local steps, memory, duty cycle) and tells the simulator how fast the device trains and how
+fast its link is.
 """
 
 from __future__ import annotations
 
+import platform
 import tomllib
 from dataclasses import MISSING, dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from alignfed.errors import ConfigError
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware_profiles"
+# Resolved through the package, not the source tree: `pip install .` copies them into site-packages.
+PROFILE_DIR = Path(str(resources.files("alignfed") / "firmware_profiles"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,7 @@ class DeviceProfile:
     latency_ms: float
     availability: float  # probability the device is online for a round (simulator)
     quantization: str = "int8"  # training base the device can afford: "int8" | "fp32"
+    accelerator: str = "cpu"  # "cpu" | "cuda": where the torch backend may train (Jetson: "cuda", CPU fallback)
 
 
 _RANGES: dict[str, tuple[float, float]] = {
@@ -56,6 +61,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("x86_64", "aarch64"),
     "trainer": ("ort", "torch"),
     "quantization": ("int8", "fp32"),
+    "accelerator": ("cpu", "cuda"),
 }
 
 
@@ -103,3 +109,36 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
 
 def available() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+# platform.machine() spellings of the two architectures a profile can name.
+_MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def host_arch() -> str:
+    """This machine's architecture in a profile's spelling ("x86_64" | "aarch64"), or as the OS says it."""
+    machine = platform.machine()
+    return _MACHINES.get(machine.lower(), machine)
+
+
+def check_arch(profile: DeviceProfile, machine: str | None = None) -> None:
+    """Refuse a profile made for another CPU architecture than `machine` (default: this machine).
+
+    The backends differ by architecture (ORT training on x86_64, torch on aarch64), so a wrong profile
+    would install fine and fail only when the daemon starts training.
+    """
+    here = machine or host_arch()
+    if profile.arch == here:
+        return
+    fits = [n for n in available() if _arch_of(n) == here]
+    raise ConfigError(
+        f"profile {profile.name!r} is for {profile.arch} devices, this machine is {here}; "
+        f"choose a profile for {here}: {', '.join(fits) or '(none shipped)'}"
+    )
+
+
+def _arch_of(name: str) -> str | None:
+    try:
+        return load_profile(name).arch
+    except ConfigError:
+        return None
