@@ -82,10 +82,8 @@ def cpu_capability(torch: Any) -> str:
         return "unknown"
 
 
-def report() -> str:
+def report(torch: Any) -> str:
     """One line for a device's set-up: torch version, kernels, thread count, the check's result."""
-    import torch
-
     threads = torch.get_num_threads()
     lines = []
     for n in sorted({1, threads}):

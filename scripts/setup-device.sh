@@ -58,6 +58,6 @@ step "pip install .[$extras] (llama-cpp-python, when asked for, compiles here)"
 "$VENV/bin/python" -m pip install -q ".[$extras]"
 
 step "checking the trainer on this CPU"
-"$VENV/bin/python" -c "from edge.selfcheck import report; print(report())"
+(cd / && "$VENV/bin/python" -c "import torch; from edge.selfcheck import report; print(report(torch))")
 if [ "$serving" = 1 ]; then "$VENV/bin/python" -c "import llama_cpp; print('llama.cpp', llama_cpp.__version__)"; fi
 echo "== ready: $VENV ($(du -smx "$VENV" | cut -f1) MB); next: alignfed flash (docs/devices.md)"
