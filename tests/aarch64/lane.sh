@@ -53,6 +53,13 @@ mountpoint -q "$ROOT/proc" || $SUDO mount -t proc proc "$ROOT/proc"
 mountpoint -q "$ROOT/dev" || $SUDO mount --bind /dev "$ROOT/dev"
 trap '$SUDO umount "$ROOT/proc" "$ROOT/dev" 2>/dev/null || true' EXIT
 $SUDO cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# Behind a TLS-intercepting proxy the host trusts an extra CA: the root's pip must trust it too.
+ca_env=()
+host_ca=${PIP_CERT:-${SSL_CERT_FILE:-}}
+if [ -n "$host_ca" ] && [ -f "$host_ca" ]; then
+    $SUDO cp "$host_ca" "$ROOT/etc/ssl/host-ca-bundle.crt"
+    ca_env=(PIP_CERT=/etc/ssl/host-ca-bundle.crt SSL_CERT_FILE=/etc/ssl/host-ca-bundle.crt)
+fi
 fake_sys cortex-a72
 
 # The working tree (tracked and new files, not ignored ones) is what the device installs.
@@ -63,7 +70,7 @@ git ls-files -co --exclude-standard -z | xargs -0 tar -cf - | $SUDO tar -xf - -C
 serving_flag="--no-serving"
 [ "${ALIGNFED_LANE_SERVING:-0}" = 1 ] && serving_flag=""
 key=$(cat pyproject.toml scripts/setup-device.sh | sha256sum | cut -c1-16)$serving_flag
-chroot_run() { $SUDO chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@"; }
+chroot_run() { $SUDO chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "${ca_env[@]}" "$@"; }
 if [ "$(cat "$ROOT/opt/alignfed/.lane-installed" 2>/dev/null)" != "$key" ]; then
     say "device set-up: scripts/setup-device.sh $serving_flag (emulated; first time: tens of minutes)"
     t0=$(date +%s)
