@@ -19,3 +19,8 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/python benchmarks/run_all.py
+
+# Emulated aarch64 boards (Debian arm64 root under qemu-user): not part of `make test`; see tests/aarch64/lane.sh.
+.PHONY: test-aarch64
+test-aarch64: setup
+	bash tests/aarch64/lane.sh

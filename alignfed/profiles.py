@@ -1,20 +1,26 @@
 """Device profiles: what a class of device can spend on federated fine-tuning.
 
-One TOML file per device class lives in `firmware_profiles/`. A profile bounds the edge daemon
-(threads, batch, sequence length, local steps, memory, duty cycle) and tells the simulator how fast
-the device trains and how fast its link is.
+One TOML file per device class lives in `alignfed/firmware_profiles/` (package data, so a wheel or
+a non-editable install carries them). A profile bounds the edge daemon (threads, batch, sequence
+length, local steps, memory, duty cycle) and tells the simulator how fast the device trains and how
+fast its link is.
 """
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from alignfed import manifest as mf
 from alignfed import tomlfile
 from alignfed.errors import ConfigError
+from alignfed.manifest import Architecture, Manifest
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware_profiles"
+# Resolved through the package, not the source tree: `pip install .` copies them into site-packages.
+PROFILE_DIR = Path(str(resources.files("alignfed") / "firmware_profiles"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,7 @@ class DeviceProfile:
     latency_ms: float
     availability: float  # probability the device is online for a round (simulator)
     quantization: str = "int8"  # training base the device can afford: "int8" | "fp32"
+    accelerator: str = "cpu"  # "cpu" | "cuda": where the torch backend may train (Jetson: "cuda", CPU fallback)
 
 
 _RANGES: dict[str, tuple[float, float]] = {
@@ -56,6 +63,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("x86_64", "aarch64"),
     "trainer": ("ort", "torch"),
     "quantization": ("int8", "fp32"),
+    "accelerator": ("cpu", "cuda"),
 }
 
 
@@ -84,3 +92,68 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
 
 def available() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+# Calibration of `estimate_memory_mb` (benchmarks/bench_train_memory.py, SmolLM2-135M int8 and fp32).
+_TORCH_ACTS, _TORCH_RUNTIME_MB = 1.0, 150.0
+_ORT_FILES, _ORT_ACTS, _ORT_RUNTIME_MB = 1.5, 1.0, 150.0
+
+# platform.machine() spellings of the two architectures a profile can name.
+_MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def host_arch() -> str:
+    """This machine's architecture in a profile's spelling ("x86_64" | "aarch64"), or as the OS says it."""
+    machine = platform.machine()
+    return _MACHINES.get(machine.lower(), machine)
+
+
+def check_arch(profile: DeviceProfile, machine: str | None = None) -> None:
+    """Refuse a profile made for another CPU architecture than `machine` (default: this machine).
+
+    The backends differ by architecture (ORT training on x86_64, torch on aarch64), so a wrong profile
+    would install fine and fail only when the daemon starts training.
+    """
+    here = machine or host_arch()
+    if profile.arch == here:
+        return
+    fits = [n for n in available() if _arch_of(n) == here]
+    raise ConfigError(
+        f"profile {profile.name!r} is for {profile.arch} devices, this machine is {here}; "
+        f"choose a profile for {here}: {', '.join(fits) or '(none shipped)'}"
+    )
+
+
+def _arch_of(name: str) -> str | None:
+    try:
+        return load_profile(name).arch
+    except ConfigError:
+        return None
+
+
+def base_parameters(a: Architecture) -> int:
+    """Parameters of the frozen base: embeddings (and an untied head), projections, norms, biases."""
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    layer = a.hidden * (2 * q + 2 * kv) + 3 * a.hidden * a.intermediate + 2 * a.hidden
+    if a.qkv_bias:
+        layer += q + 2 * kv
+    return a.n_layers * layer + a.vocab * a.hidden * (1 if a.tie_embeddings else 2) + a.hidden
+
+
+def estimate_memory_mb(bundle: Path, m: Manifest, batch: int, seq_len: int, trainer: str) -> float:
+    """Peak memory training adds to the daemon, per backend, in MB (benchmarks/bench_train_memory.py).
+
+    torch: the frozen base dequantized to fp32 and resident (4 bytes a parameter, whatever the
+    bundle's quantization), the calibration model it is read from while loading, autograd's saved
+    activations, and the runtime. ort: the training model and checkpoint as mapped and copied by the
+    session, its activations, and the runtime. Activations ≈ B·T·(L·(8·hidden + 3·intermediate) +
+    3·vocab) floats (the logits and their softmax dominate at small models).
+    """
+    a = m.architecture
+    acts = batch * seq_len * (a.n_layers * (8 * a.hidden + 3 * a.intermediate) + 3 * a.vocab) * 4
+    if trainer == "torch":
+        calib = (bundle / mf.CALIB_MODEL).stat().st_size if (bundle / mf.CALIB_MODEL).exists() else 0
+        need = 4 * base_parameters(a) + calib + _TORCH_ACTS * acts
+        return need / 2**20 + _TORCH_RUNTIME_MB
+    files = sum((bundle / p).stat().st_size for p in (mf.CHECKPOINT, mf.TRAINING_MODEL) if (bundle / p).exists())
+    return (_ORT_FILES * files + _ORT_ACTS * acts) / 2**20 + _ORT_RUNTIME_MB

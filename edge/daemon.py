@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +24,7 @@ from alignfed import manifest as mf
 from alignfed import protocol
 from alignfed.adapter import compute_deltas
 from alignfed.errors import AlignFedError, ProtocolError, TrainingError
+from alignfed.profiles import estimate_memory_mb
 from alignfed.text import IGNORE, Batch, Batcher, hold_out, load_texts
 from alignfed.topics import Topics
 from alignfed.transport import Transport
@@ -55,15 +55,6 @@ class DeviceStats:
     versions_seen: list[int] = field(default_factory=list)
 
 
-def estimate_memory_mb(bundle: Path, m: mf.Manifest, batch: int, seq_len: int) -> float:
-    """Rough peak RSS of training: weights twice (checkpoint + session) plus activations.
-
-    Activations kept for backward ≈ B·T·(L·(8·hidden + 3·intermediate) + 3·vocab) floats.
-    """
-    a = m.architecture
-    files = sum((bundle / p).stat().st_size for p in (mf.CHECKPOINT, mf.TRAINING_MODEL) if (bundle / p).exists())
-    acts = batch * seq_len * (a.n_layers * (8 * a.hidden + 3 * a.intermediate) + 3 * a.vocab) * 4
-    return (1.5 * files + acts) / 2**20 + 150.0  # + runtime overhead
 
 
 class EdgeDaemon:
@@ -76,7 +67,7 @@ class EdgeDaemon:
         mf.verify(cfg.bundle, self.manifest)
         self.bundle = mf.bundle_digest(self.manifest)
         p = cfg.profile
-        need = estimate_memory_mb(cfg.bundle, self.manifest, p.batch, p.seq_len)
+        need = estimate_memory_mb(cfg.bundle, self.manifest, p.batch, p.seq_len, p.trainer)
         if need > p.memory_mb:
             raise TrainingError(
                 f"bundle {cfg.bundle} needs about {need:.0f} MB to train at batch {p.batch} × {p.seq_len}, "
@@ -124,7 +115,7 @@ class EdgeDaemon:
         if p.trainer == "torch":  # aarch64: no onnxruntime-training wheels
             from edge.torch_trainer import TorchTrainer
 
-            return TorchTrainer(self.cfg.bundle, self.manifest, lr=p.lr, threads=p.threads)
+            return TorchTrainer(self.cfg.bundle, self.manifest, lr=p.lr, threads=p.threads, accelerator=p.accelerator)
         raise TrainingError(f"profile {p.name!r} asks for trainer {p.trainer!r}; expected 'ort' or 'torch'")
 
     # -- persistence ------------------------------------------------------------------------------

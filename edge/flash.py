@@ -8,7 +8,7 @@ from pathlib import Path
 from alignfed import manifest as mf
 from alignfed import tomlfile
 from alignfed.errors import ConfigError
-from alignfed.profiles import load_profile
+from alignfed.profiles import check_arch, load_profile
 from alignfed.topics import check_id
 from alignfed.transport import BrokerConfig
 
@@ -44,6 +44,7 @@ def flash(
     extra: dict[str, object] | None = None,
 ) -> Path:
     prof = load_profile(profile)
+    check_arch(prof)  # an x86_64 profile on a Pi would install fine and fail at the first step
     check_id(device_id, "device id")
     check_id(federation, "federation id")
     # Everything the daemon would refuse at boot is refused now, on the operator's terminal.

@@ -8,6 +8,10 @@ from the bundle's calibration model — the int8 bundle's weights are dequantize
 `DequantizeLinear` does, so both backends train the same numbers. Gradients come from autograd;
 the update is `edge.adamw.AdamW` with the bundle's optimizer hyper-parameters, i.e. the ORT
 kernel's, so a device's result does not depend on which backend it runs.
+
+Where it trains is `edge.accelerator`'s choice (a Jetson's GPU when the profile allows it, else the
+CPU, the reason logged); before training, `edge.selfcheck` proves this torch multiplies correctly
+on that device (torch's SVE kernels were seen to compute wrong products).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from alignfed import manifest as mf
 from alignfed.errors import BundleError, TrainingError
 from alignfed.rope import rope_tables
 from alignfed.text import Batch
+from edge import selfcheck
+from edge.accelerator import Placement, choose
 from edge.adamw import AdamW, Moments
 
 QKV_BIAS = ("q", "k", "v")  # projections with a bias when Architecture.qkv_bias (Qwen2)
@@ -54,9 +60,18 @@ def base_weights(bundle: Path) -> dict[str, np.ndarray]:
 
 
 class TorchTrainer:
-    """The `edge.trainer.Trainer` protocol on PyTorch (CPU)."""
+    """The `edge.trainer.Trainer` protocol on PyTorch (CPU, or CUDA when `accelerator` = "cuda")."""
 
-    def __init__(self, bundle: Path, manifest: mf.Manifest, *, lr: float, threads: int) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: mf.Manifest,
+        *,
+        lr: float,
+        threads: int,
+        accelerator: str = "cpu",
+        placement: Placement | None = None,
+    ) -> None:
         try:
             import torch
         except ImportError as exc:
@@ -66,6 +81,11 @@ class TorchTrainer:
             ) from exc
         self._torch = torch
         torch.set_num_threads(max(1, threads))
+        self.placement = placement or choose(torch, accelerator)
+        self.device, self.compute = self.placement.device, self.placement.dtype(torch)
+        selfcheck.check_matmul(torch)  # the CPU path always runs (embedding, norms, a CUDA fallback)
+        if self.device != "cpu" or self.compute != torch.float32:
+            selfcheck.check_matmul(torch, device=self.device, dtype=self.compute)
         self.arch = a = manifest.architecture
         self.scale = manifest.lora.scale
         self.lr = lr
@@ -74,13 +94,13 @@ class TorchTrainer:
         self.targets = set(manifest.lora.targets)
         self.optimizer = AdamW.from_model(Path(bundle) / mf.OPTIMIZER_MODEL)
         self.moments = Moments.zeros(self.shapes)
-        w = {k: torch.from_numpy(v) for k, v in base_weights(bundle).items()}
+        w = {k: self._place_base(k, v) for k, v in base_weights(bundle).items()}
         missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in w]
         if missing:
             raise BundleError(f"{bundle}: calibration model lacks base tensors {missing}")
         self.w = w
         cos, sin = rope_tables(a)  # (S, hd)
-        self.cos, self.sin = torch.from_numpy(cos), torch.from_numpy(sin)
+        self.cos, self.sin = torch.from_numpy(cos).to(self.device), torch.from_numpy(sin).to(self.device)
         self.params: dict[str, Any] = {}
         init = Path(bundle) / mf.ADAPTER_INIT
         if init.is_file():
@@ -101,11 +121,12 @@ class TorchTrainer:
                     f"adapter tensor {name} has shape {tensors[name].shape}, expected {self.shapes[name]}"
                 )
         self.params = {
-            n: torch.tensor(np.asarray(tensors[n], dtype=np.float32), requires_grad=True) for n in self.names
+            n: torch.tensor(np.asarray(tensors[n], dtype=np.float32), device=self.device, requires_grad=True)
+            for n in self.names
         }
 
     def adapter(self) -> dict[str, np.ndarray]:
-        return {n: p.detach().numpy().copy() for n, p in self.params.items()}
+        return {n: p.detach().cpu().numpy().copy() for n, p in self.params.items()}
 
     # -- training -----------------------------------------------------------------------------
 
@@ -114,7 +135,7 @@ class TorchTrainer:
         for p in self.params.values():
             p.grad = None
         loss.backward()
-        grads = {n: p.grad.numpy() for n, p in self.params.items()}
+        grads = {n: p.grad.cpu().numpy() for n, p in self.params.items()}
         new = self.optimizer.update(self.adapter(), grads, self.moments, self.lr)
         self.load_adapter(new)
         return float(loss.detach())
@@ -123,24 +144,30 @@ class TorchTrainer:
         with self._torch.no_grad():
             return float(self._loss(batch))
 
+    def _place_base(self, name: str, arr: np.ndarray) -> Any:
+        """A frozen base tensor on the training device: matrices in the compute dtype, vectors fp32."""
+        t = self._torch.from_numpy(arr).to(self.device)
+        return t.to(self.compute) if t.ndim == 2 else t  # norms and biases: (H,), stay fp32
+
     # -- the network (mirrors export/onnx_graph.py) ---------------------------------------------
 
     def _loss(self, batch: Batch) -> Any:
         torch, a, w = self._torch, self.arch, self.w
-        ids = torch.from_numpy(np.asarray(batch.input_ids, dtype=np.int64))  # (B, T)
-        labels = torch.from_numpy(np.asarray(batch.labels, dtype=np.int64))  # (B, T)
+        ids = torch.from_numpy(np.asarray(batch.input_ids, dtype=np.int64)).to(self.device)  # (B, T)
+        labels = torch.from_numpy(np.asarray(batch.labels, dtype=np.int64)).to(self.device)  # (B, T)
         t = ids.shape[1]
         cos, sin = self.cos[:t], self.sin[:t]  # (T, hd)
-        future = torch.arange(t)[None, :] > torch.arange(t)[:, None]  # (T, T): key after query
+        pos = torch.arange(t, device=self.device)
+        future = pos[None, :] > pos[:, None]  # (T, T): key after query
         mask = torch.where(future, torch.finfo(torch.float32).min, 0.0)
-        h = w["model.embed_tokens.weight"][ids]  # (B, T, H)
+        h = w["model.embed_tokens.weight"][ids].float()  # (B, T, H)
         for i in range(a.n_layers):
             p = f"model.layers.{i}."
             h = h + self._attention(self._rms(h, w[p + "input_layernorm.weight"]), i, cos, sin, mask)
             h = h + self._mlp(self._rms(h, w[p + "post_attention_layernorm.weight"]), i)
         h = self._rms(h, w["model.norm.weight"])[:, :-1].reshape(-1, a.hidden)  # (N, H): t predicts t + 1
         head = w["model.embed_tokens.weight"] if a.tie_embeddings else w["lm_head.weight"]  # (V, H)
-        logits = h @ head.T  # (N, V)
+        logits = (h.to(self.compute) @ head.T).float()  # (N, V)
         return torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
 
     def _rms(self, x: Any, weight: Any) -> Any:
@@ -150,7 +177,7 @@ class TorchTrainer:
     def _linear(self, x: Any, layer: int, module: str) -> Any:
         """x (B, T, in) -> (B, T, out): frozen projection (+ bias) + s·(x Aᵀ) Bᵀ when adapted."""
         hf = lora.hf_weight_name(layer, module)
-        y = x @ self.w[hf].T
+        y = (x.to(self.compute) @ self.w[hf].T).float()  # frozen base in the compute dtype, fp32 out
         if self.arch.qkv_bias and module in QKV_BIAS:
             y = y + self.w[hf[: -len("weight")] + "bias"]
         if module in self.targets:

@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+case "$(uname -m)" in x86_64|amd64) ;; *)  # ORT training (tests, demo, export) has x86_64 wheels only
+    echo "error: scripts/setup.sh sets up an x86_64 development machine; on a $(uname -m) board run scripts/setup-device.sh (docs/devices.md)" >&2
+    exit 1 ;; esac
 
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     echo "== installing mosquitto (apt-get)"

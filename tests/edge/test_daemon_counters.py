@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from alignfed import protocol
+from alignfed.corpora import DOMAINS, write_domain
 from alignfed.manifest import bundle_digest
 from alignfed.manifest import load as load_manifest
 from edge import config
 from edge.daemon import EdgeDaemon
-from simulator.corpora import DOMAINS, write_domain
 from tests.edge.test_config import write
 from tests.support.federation import fast_profile
 

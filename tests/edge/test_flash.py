@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from alignfed.cli import main
+from alignfed.corpora import DOMAINS, write_domain
 from alignfed.errors import EXIT_CODES
-from simulator.corpora import DOMAINS, write_domain
 
 
 def flash(tmp_path: Path, bundle: Path, data: Path, broker: str = "mqtt://gw:1883") -> list[str]:

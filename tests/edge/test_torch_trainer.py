@@ -1,18 +1,35 @@
-"""The PyTorch trainer backend trains exactly like the ORT one on the same bundle."""
+"""The PyTorch trainer backend trains exactly like the ORT one on the same bundle.
+
+On x86_64 both backends run side by side. ONNX Runtime training has no aarch64 wheels, so on a board
+(or `make test-aarch64`, an emulated one) the bundles and the ORT run's numbers are made natively
+beforehand (tests/aarch64/prepare.py) and found through ALIGNFED_PREEXPORTED: the torch backend on
+aarch64 is compared with what ORT computed on x86_64. A missing ORT on x86_64 fails; only on aarch64
+without recorded numbers is the parity half skipped.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import platform
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from alignfed import manifest as mf
+from alignfed.errors import TrainingError
 from alignfed.text import Batch
+from edge.accelerator import Placement, choose
+from edge.selfcheck import check_matmul
 from edge.torch_trainer import TorchTrainer
-from edge.trainer import OrtTrainer
 
 LR = 0.01
+PARAMS = [("llama", "fp32"), ("llama", "int8"), ("qwen2", "fp32")]
+PREEXPORTED = os.environ.get("ALIGNFED_PREEXPORTED", "")
+AARCH64 = platform.machine().lower() in ("aarch64", "arm64")
+REFERENCE = "ort_reference.npz"
 
 
 def _batches(vocab: int, n: int, seed: int = 0) -> list[Batch]:
@@ -26,13 +43,11 @@ def _batches(vocab: int, n: int, seed: int = 0) -> list[Batch]:
     return out
 
 
-@pytest.fixture(scope="module", params=[("llama", "fp32"), ("llama", "int8"), ("qwen2", "fp32")])
-def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def export_case(family: str, quant: str, work: Path) -> Path:
+    """Export the tiny bundle of one case into `work`/bundle (needs the export extra and ORT training)."""
     from export.bundle import export_bundle
     from export.synthetic import write_tiny_llama, write_tiny_qwen2
 
-    family, quant = request.param
-    work = tmp_path_factory.mktemp(f"{family}-{quant}")
     model = (write_tiny_llama if family == "llama" else write_tiny_qwen2)(work / "model")
     targets = ("q", "k", "v", "o", "gate", "up", "down")
     export_bundle(
@@ -41,32 +56,80 @@ def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return work / "bundle"
 
 
-def test_same_losses_and_adapter_as_ort(bundle: Path) -> None:
-    m = mf.load(bundle)
-    ort, torch_ = OrtTrainer(bundle, m, lr=LR, threads=1), TorchTrainer(bundle, m, lr=LR, threads=1)
-    start = ort.adapter()
-    for name, t in torch_.adapter().items():  # both start from the bundle's initial adapter
-        np.testing.assert_array_equal(t, start[name])
+def start_adapter(start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The bundle's initial adapter with B made non-zero, so every factor gets a gradient."""
     rng = np.random.default_rng(1)
-    nonzero = {
-        n: (rng.normal(0, 0.05, t.shape) if n.endswith(".B") else t).astype(np.float32) for n, t in start.items()
-    }
-    ort.load_adapter(nonzero)
+    return {n: (rng.normal(0, 0.05, t.shape) if n.endswith(".B") else t).astype(np.float32) for n, t in start.items()}
+
+
+def ort_trajectory(bundle: Path) -> dict[str, np.ndarray]:
+    """What ORT training computes from `start_adapter`: first eval loss, 4 step losses, the adapter after."""
+    from edge.trainer import OrtTrainer
+
+    m = mf.load(bundle)
+    ort = OrtTrainer(bundle, m, lr=LR, threads=1)
+    out = {f"start/{n}": t for n, t in ort.adapter().items()}
+    ort.load_adapter(start_adapter(ort.adapter()))
+    batches = _batches(m.architecture.vocab, 4)
+    out["eval_loss"] = np.array(ort.eval_loss(batches[0]))
+    out["step_losses"] = np.array([ort.step(b) for b in batches])
+    out.update({f"end/{n}": t for n, t in ort.adapter().items()})
+    return out
+
+
+def _ort_training() -> bool:
+    try:
+        import onnxruntime.training.api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module", params=PARAMS, ids=[f"{f}-{q}" for f, q in PARAMS])
+def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    family, quant = request.param
+    if PREEXPORTED:
+        path = Path(PREEXPORTED) / f"{family}-{quant}" / "bundle"
+        if not (path / "manifest.json").is_file():
+            pytest.fail(f"ALIGNFED_PREEXPORTED={PREEXPORTED}: no bundle at {path}; run tests/aarch64/prepare.py")
+        return path
+    if AARCH64 and not _ort_training():
+        pytest.skip("exporting needs onnxruntime.training (x86_64 only); set ALIGNFED_PREEXPORTED (make test-aarch64)")
+    return export_case(family, quant, tmp_path_factory.mktemp(f"{family}-{quant}"))
+
+
+def _reference(bundle: Path) -> dict[str, np.ndarray]:
+    recorded = bundle.parent / REFERENCE
+    if _ort_training():
+        return ort_trajectory(bundle)
+    if recorded.is_file():
+        with np.load(recorded) as z:
+            return {k: z[k] for k in z.files}
+    if AARCH64:
+        pytest.skip(f"onnxruntime.training has no aarch64 wheels and {recorded} was not recorded natively")
+    pytest.fail("onnxruntime.training is not installed on x86_64: install the edge extra (scripts/setup.sh)")
+
+
+def test_same_losses_and_adapter_as_ort(bundle: Path) -> None:
+    want = _reference(bundle)
+    m = mf.load(bundle)
+    torch_ = TorchTrainer(bundle, m, lr=LR, threads=1)
+    for name, t in torch_.adapter().items():  # both start from the bundle's initial adapter
+        np.testing.assert_array_equal(t, want[f"start/{name}"])
+    nonzero = start_adapter(torch_.adapter())
     torch_.load_adapter(nonzero)
     batches = _batches(m.architecture.vocab, 4)
-    assert torch_.eval_loss(batches[0]) == pytest.approx(ort.eval_loss(batches[0]), rel=1e-5)
-    for b in batches:
-        assert torch_.step(b) == pytest.approx(ort.step(b), rel=1e-4)
-    got, want = torch_.adapter(), ort.adapter()
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=2e-5, err_msg=name)
-    moved = max(float(np.abs(want[n] - nonzero[n]).max()) for n in want)
+    assert torch_.eval_loss(batches[0]) == pytest.approx(float(want["eval_loss"]), rel=1e-5)
+    for b, loss in zip(batches, want["step_losses"], strict=True):
+        assert torch_.step(b) == pytest.approx(float(loss), rel=1e-4)
+    got = torch_.adapter()
+    for name in got:
+        np.testing.assert_allclose(got[name], want[f"end/{name}"], atol=2e-5, err_msg=name)
+    moved = max(float(np.abs(want[f"end/{n}"] - nonzero[n]).max()) for n in got)
     assert moved > 10 * 2e-5  # the comparison is not between two unchanged adapters
 
 
 def test_wrong_adapter_shape_is_refused(bundle: Path) -> None:
-    from alignfed.errors import TrainingError
-
     m = mf.load(bundle)
     t = TorchTrainer(bundle, m, lr=LR, threads=1)
     bad = t.adapter()
@@ -74,3 +137,82 @@ def test_wrong_adapter_shape_is_refused(bundle: Path) -> None:
     bad[name] = np.zeros((1, 1), np.float32)
     with pytest.raises(TrainingError, match=f"{name} has shape"):
         t.load_adapter(bad)
+
+
+# -- the start-up matmul check ----------------------------------------------------------------------
+
+
+def test_matmul_check_passes_on_this_cpu_at_every_thread_count() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 4):  # multithreaded sgemm is where ARMv8.1-only BLAS kernels showed up
+            torch.set_num_threads(n)
+            assert check_matmul(torch).worst_error < 1e-6
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_wrong_products_are_refused_before_training(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    right = torch.Tensor.__matmul__
+
+    def off_by_a_bit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # an SVE-like fault: small error
+        y = right(a, b)
+        return y + 1e-3 * y.abs().max() if b.shape[-1] <= 16 else y
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", off_by_a_bit)
+    with pytest.raises(TrainingError, match=r"multiplies matrices wrongly: \(B=\d+, T=\d+, in=\d+\) @ \((4|8|16), "):
+        TorchTrainer(bundle, mf.load(bundle), lr=LR, threads=1)
+
+
+# -- where training runs ---------------------------------------------------------------------------
+
+
+def _fake_cuda_torch(bf16: bool) -> types.SimpleNamespace:
+    """A stand-in for a CUDA torch (no GPU here): only what `choose` asks."""
+    cuda = types.SimpleNamespace(
+        is_available=lambda: True, get_device_name=lambda i: "Orin", is_bf16_supported=lambda: bf16
+    )
+    return types.SimpleNamespace(cuda=cuda, version=types.SimpleNamespace(cuda="12.6"), __version__="2.5.0")
+
+
+def test_cuda_is_chosen_when_torch_sees_a_gpu() -> None:
+    orin = choose(_fake_cuda_torch(bf16=True), "cuda")
+    nano = choose(_fake_cuda_torch(bf16=False), "cuda")  # Maxwell: no bf16
+    assert (orin.device, orin.compute_dtype) == ("cuda", "bfloat16")
+    assert (nano.device, nano.compute_dtype) == ("cuda", "float16")
+    assert choose(_fake_cuda_torch(bf16=True), "cpu").device == "cpu"  # the profile decides first
+
+
+def test_cuda_profile_falls_back_to_the_cpu_with_a_logged_reason(
+    bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the fallback cannot happen here")
+    with caplog.at_level(logging.WARNING, logger="edge.accelerator"):
+        t = TorchTrainer(bundle, mf.load(bundle), lr=LR, threads=1, accelerator="cuda")
+    assert t.placement.device == "cpu" and t.placement.compute_dtype == "float32"
+    assert "asks for CUDA but torch" in caplog.text and "training on the CPU" in caplog.text
+
+
+def test_half_precision_base_keeps_fp32_lora_and_tracks_fp32(bundle: Path) -> None:
+    """The GPU's mixed precision (bf16 base, fp32 LoRA and AdamW), run on the CPU where bf16 matmul exists."""
+    m = mf.load(bundle)
+    full = TorchTrainer(bundle, m, lr=LR, threads=1)
+    half = TorchTrainer(bundle, m, lr=LR, threads=1, placement=Placement("cpu", "bfloat16", "test"))
+    start = start_adapter(full.adapter())
+    full.load_adapter(start)
+    half.load_adapter(start)
+    for b in _batches(m.architecture.vocab, 3):
+        assert half.step(b) == pytest.approx(full.step(b), rel=2e-2)
+    assert all(p.dtype == half._torch.float32 for p in half.params.values())
+    a, b_ = full.adapter(), half.adapter()
+    d_full = np.concatenate([(a[n] - start[n]).ravel() for n in a])
+    d_half = np.concatenate([(b_[n] - start[n]).ravel() for n in a])
+    cos = float(d_full @ d_half / (np.linalg.norm(d_full) * np.linalg.norm(d_half)))
+    assert cos > 0.98  # the same update direction, up to bf16 rounding of the base's products
