@@ -140,9 +140,9 @@ class RobustCombiner:
         ref = self.reference_norm(norms)
         keep = list(range(len(deltas)))
         if cfg.outlier_factor > 0 and ref > 0:
+            # may drop the whole buffer (K = 1, or all hostile against a clean history): the new
+            # version then only re-factorizes, and every update is still answered
             keep = [i for i in keep if norms[i] <= cfg.outlier_factor * ref]
-            if not keep:  # every update an outlier of the history: keep the smallest, never fold none
-                keep = [int(np.argmin(norms))]
         dropped = [i for i in range(len(deltas)) if i not in keep]
         total, kept_total = sum(w), sum(w[i] for i in keep)
         eff = [0.0] * len(w)
