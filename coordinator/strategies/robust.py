@@ -5,10 +5,11 @@ A buffered strategy hands this module the deltas it would combine, Δ_i (per lay
 as factors U_i V_i), with their weights w_i, and gets back the combined delta per layer. In order:
 
 1. *Outlier filter* (`outlier_factor` f > 0): an update whose norm ‖Δ_i‖_F (over all layers) exceeds
-   f × the median norm of the buffer and the last `norm_window` kept updates is dropped; the kept
-   weights are rescaled so Σw stays what it was (FedBuff's (1/K)Σ becomes (1/K′)Σ over the kept).
-   Judging against recent history as well as the buffer keeps the test meaningful for K = 1
-   (FedAsync) and when a third of a small buffer is hostile.
+   f × the reference norm is dropped; the kept weights are rescaled so Σw stays what it was
+   (FedBuff's (1/K)Σ becomes (1/K′)Σ over the kept). The reference is the median norm of the
+   buffer when it holds ≥ `MIN_PEERS` updates, else of the buffer and the last `norm_window` kept
+   updates (FedAsync's K = 1). The buffer alone is preferred because honest norms shrink as
+   training converges: an old history would let a tenfold update through.
 2. *Norm clipping*: Δ_i ← Δ_i · min(1, C/‖Δ_i‖_F), with C = `clip_norm` (absolute) or, when
    `clip_relative` ρ > 0, ρ × that same median norm (the tighter of the two when both are set).
    Exact on factors: only U_i is scaled.
@@ -36,6 +37,7 @@ from alignfed.lowrank import Factors
 
 Aggregator = Literal["mean", "median", "trimmed_mean"]
 AGGREGATORS: tuple[str, ...] = ("mean", "median", "trimmed_mean")
+MIN_PEERS = 3  # a buffer this large is its own reference for norms
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +125,10 @@ class RobustCombiner:
         self._norms: deque[float] = deque(maxlen=max(self.config.norm_window, 1))
 
     def reference_norm(self, norms: Sequence[float]) -> float:
-        """The median of the buffer's norms and of the recently kept ones."""
-        pool = list(norms) + (list(self._norms) if self.config.norm_window > 0 else [])
+        """The median of the buffer's norms, joined by the recently kept ones for a small buffer."""
+        pool = list(norms)
+        if len(pool) < MIN_PEERS and self.config.norm_window > 0:
+            pool += list(self._norms)
         return float(np.median(pool)) if pool else 0.0
 
     def combine(self, deltas: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> RobustResult:
