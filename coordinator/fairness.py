@@ -6,7 +6,7 @@ confidence c_v (from cross-version alignment, 1 when not aligned):
     w̃_i = n_i^γ · (1 + τ_i)^(−a) · clip((p̄ / p_d)^β, h_min, h_max) · c_v,    w_i = w̃_i / Σ_j w̃_j
 
 - n_i^γ: data size; γ < 1 keeps one data-rich device from dominating.
-- (1 + τ_i)^(−a): freshness; a = 0.5 is FedBuff's 1/√(1+τ).
+- (1 + τ_i)^(−a): freshness, `staleness.polynomial` (a = 0.5 is FedBuff's 1/√(1+τ)).
 - (p̄ / p_d)^β: participation; p_d counts device d's accepted updates among the last `window`
   accepted updates, p̄ is the mean count over the devices active in that window. A device that
   reports twice as often as average gets 2^(−β) of the weight, so slow devices are not drowned
@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from coordinator.strategies.staleness import polynomial
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,7 @@ def weights(
     c = np.asarray(confidences, dtype=np.float64)  # (m,)
     if np.any(n < 0) or np.any(tau < 0) or np.any(~np.isfinite(c)) or np.any(c < 0):
         raise ValueError("fairness: samples, staleness and confidences must be ≥ 0 and finite")
-    raw = np.power(n, params.gamma) * np.power(1.0 + tau, -params.a) * c
+    raw = np.power(n, params.gamma) * polynomial(tau, params.a) * c
     if window is not None:
         counts = window.counts()
         p_bar = window.mean()

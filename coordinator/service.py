@@ -128,19 +128,8 @@ class Coordinator:
         return options
 
     def _restore_history(self) -> None:
-        """Rebuild the per-device memory of strategies that weigh by history (fairness) from SQLite."""
-        from coordinator.strategies.alignfed import AlignFed
-        from coordinator.strategies.fedstaleweight import FedStaleWeight
-
-        done = self.store.aggregated()
-        if isinstance(self.strategy, FedStaleWeight):
-            history: dict[str, tuple[int, int]] = {}
-            for device, base, version in done:
-                count, total = history.get(device, (0, 0))
-                history[device] = (count + 1, total + (version - 1 - base))  # τ when it was aggregated
-            self.strategy.restore(history)
-        elif isinstance(self.strategy, AlignFed):
-            self.strategy.restore_participation([device for device, _, _ in done][-self.strategy.config.window :])
+        """Rebuild the strategy's per-device memory (fairness, staleness) from the store's log."""
+        self.strategy.replay(self.store.aggregated())
 
     def _restore_buffer(self) -> None:
         self._restore_history()

@@ -94,6 +94,15 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="TARGET.KEY=VALUE",
         help="a strategy option for a variant or strategy, e.g. alignfed.tau_max=16 or fedasync.alpha=0.4",
     )
+    s.add_argument(
+        "--byzantine", type=float, default=0.0, help="fraction of devices sending hostile updates (default 0)"
+    )
+    s.add_argument(
+        "--attack",
+        default="scale",
+        choices=("scale", "signflip", "random", "mixed"),
+        help="what Byzantine devices send: 10×Δ, −Δ, noise of Δ's norm, or each in turn (default scale)",
+    )
     s.add_argument("--target-loss", type=float, help="time-to-target threshold (default: fedavg's final eval loss)")
     s.add_argument("--calibration-tokens", type=int, default=256, help="AlignFed calibration tokens n (default 256)")
     s.add_argument("--calibration-data", help="AlignFed calibration text (default: the built-in corpora)")
@@ -206,6 +215,8 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
         eval_interval_s=args.eval_interval,
         timing=Timing(base_step_s=args.step_seconds, duty_cycle=not args.no_duty_cycle),
         seed=args.seed,
+        byzantine=args.byzantine,
+        attack=args.attack,
     )
     variants = select_variants([args.strategies], devices=args.devices, k=args.k, overrides=args.set)
     return testbed, ExperimentConfig(variants=tuple(variants), simulation=simulation, target_loss=args.target_loss)

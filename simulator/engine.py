@@ -45,6 +45,7 @@ from alignfed.text import Batch
 from coordinator.ingest import IngestLimits, payload_limit
 from coordinator.strategies.base import AdapterState, ClientUpdate, Strategy
 from edge.uplink import Uplink
+from simulator import attacks
 from simulator.accuracy import AccuracyHook
 from simulator.clock import EventQueue
 from simulator.events import Event
@@ -73,6 +74,8 @@ class SimulationConfig:
     accuracy_every: int = 0  # call the accuracy hook every n-th version too (0: final adapter only)
     timing: Timing = field(default_factory=Timing)
     seed: int = 0
+    byzantine: float = 0.0  # fraction of devices that send hostile, correctly signed updates
+    attack: str = "scale"  # what they send: scale | signflip | random | mixed (simulator.attacks)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.horizon_s) and self.horizon_s > 0):
@@ -96,6 +99,7 @@ class SimulationConfig:
             raise ConfigError(f"simulation: optimizer must be 'round' or 'device', got {self.optimizer!r}")
         if not (math.isfinite(self.eval_interval_s) and self.eval_interval_s >= 0):
             raise ConfigError(f"simulation: eval_interval_s must be ≥ 0 seconds, got {self.eval_interval_s}")
+        attacks.check(self.byzantine, self.attack)
         if self.eval_every < 1 or self.accuracy_every < 0:
             raise ConfigError(
                 f"simulation: eval_every must be ≥ 1 and accuracy_every ≥ 0, got {self.eval_every}, "
@@ -178,6 +182,7 @@ class _DeviceState:
     offline_until: float = -math.inf
     rounds: int = 0
     stopped: bool = False  # its next round would end past the horizon
+    attack: str | None = None  # a Byzantine device's attack (simulator.attacks)
 
 
 class Simulation:
@@ -219,6 +224,13 @@ class Simulation:
         self._global_bytes = 0
         self._current_since = 0.0  # virtual time the current version was made
         self.devices: dict[str, _DeviceState] = {}
+        self.byzantine = attacks.assign(
+            [d.device_id for d in testbed.devices],
+            [config.timing.train_s(d.profile) for d in testbed.devices],
+            config.byzantine,
+            config.attack,
+            config.seed,
+        )
         for d in testbed.devices:
             self.devices[d.device_id] = _DeviceState(
                 device=d,
@@ -228,6 +240,7 @@ class Simulation:
                 key=hashlib.sha256(f"alignfed-sim:{d.device_id}".encode()).digest(),
                 uplink=Uplink(config.wire_quantization, config.delta_rank, feedback=config.delta_feedback),
                 moments=testbed.trainer.fresh_moments() if config.optimizer == "device" else None,
+                attack=self.byzantine.get(d.device_id),
             )
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -334,7 +347,10 @@ class Simulation:
         p = dev.device.profile
         batches = list(self._batches(dev, p.local_steps))
         trained = self.tb.trainer.train(base.tensors, batches, lr=p.lr, moments=dev.moments)
-        deltas = dev.uplink.compress(compute_deltas(trained.tensors, dict(base.tensors), self.tb.manifest))
+        exact = compute_deltas(trained.tensors, dict(base.tensors), self.tb.manifest)
+        if dev.attack is not None:  # hostile, then compressed and signed like any update
+            exact = attacks.corrupt(exact, dev.attack, dev.batch_rng)
+        deltas = dev.uplink.compress(exact)
         loss = float(np.mean(trained.losses))
         update = protocol.AdapterUpdate(
             device_id=dev.device.device_id,

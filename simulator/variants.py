@@ -13,6 +13,10 @@
 | `alignfed-qrcp`         | `alignfed`       | k, method = "qrcp"                     |
 | `alignfed-cur`          | `alignfed`       | k, method = "cur"                      |
 
+Robust variants (not in `all`): `STRATEGY+ROBUST` for a buffered variant and one of
+`median`, `trimmed` (trimmed mean, 20 % cut at each end), `clip` (clip to the median norm) and
+`outlier` (drop updates above 3× the median norm), e.g. `fedbuff+median`, `alignfed+outlier`.
+
 The options are constructor options of `coordinator.strategies.build`, the same the live
 coordinator reads from `[strategy]` in coordinator.toml. Overrides `TARGET.KEY=VALUE` change an
 option of every variant whose name or strategy is TARGET (`alignfed.tau_max=16` applies to all
@@ -52,6 +56,15 @@ ALIGNFED_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# robust suffix -> the options it adds (coordinator.strategies.robust)
+ROBUST_VARIANTS: dict[str, dict[str, Any]] = {
+    "median": {"aggregator": "median"},
+    "trimmed": {"aggregator": "trimmed_mean"},
+    "clip": {"clip_relative": 1.0},
+    "outlier": {"outlier_factor": 3.0},
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Variant:
     name: str
@@ -66,6 +79,12 @@ def default_k(devices: int) -> int:
 
 
 def standard_variant(name: str, *, devices: int, k: int) -> Variant:
+    base, plus, robust = name.partition("+")
+    if plus:
+        if robust not in ROBUST_VARIANTS:
+            raise ConfigError(f"variant {name!r}: robust suffix must be one of {', '.join(ROBUST_VARIANTS)}")
+        v = standard_variant(base, devices=devices, k=k)
+        return Variant(name, v.strategy, {**v.options, **ROBUST_VARIANTS[robust]}, v.synchronous)
     if name == "fedavg":
         return Variant(name, "fedavg", {"n": devices}, synchronous=True)
     if name == "fedasync":

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,14 +35,9 @@ from alignfed.errors import RejectedUpdate
 from alignfed.lowrank import Factors, Method
 from coordinator import fairness as fair
 from coordinator.alignment import ActivationSource, Aligner, GroupAlignment, confidence
-from coordinator.strategies import server_update
-from coordinator.strategies.base import (
-    AdapterState,
-    Aggregation,
-    ClientUpdate,
-    Strategy,
-)
-from coordinator.strategies.buffer import UpdateBuffer, canonical, check_version
+from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate
+from coordinator.strategies.buffered import BufferedStrategy, robust_config
+from coordinator.strategies.robust import Aggregator, RobustConfig
 
 StateLookup = Callable[[int], AdapterState | None]
 
@@ -71,6 +66,13 @@ class AlignFedConfig:
     alignment: bool = True
     fairness: bool = True
     cache_versions: int = 0  # activation cache size in versions; 0 means tau_max + 2
+    # robust options, off by default (coordinator.strategies.robust)
+    aggregator: Aggregator = "mean"  # mean | median | trimmed_mean
+    trim: float = 0.2  # trimmed_mean: fraction cut at each end
+    clip_norm: float = 0.0  # clip each ‖Δ_i‖_F to this; 0 = off
+    clip_relative: float = 0.0  # clip to this multiple of the median recent norm; 0 = off
+    outlier_factor: float = 0.0  # drop updates above this multiple of the median recent norm; 0 = off
+    norm_window: int = 64  # kept-update norms remembered for that median
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -95,6 +97,12 @@ class AlignFedConfig:
         if self.cache_versions < 0 or self.cache_versions == 1:
             raise bad("cache_versions", "0 (auto) or ≥ 2")
         self.fairness_params()  # validates gamma, a, beta, h_min, h_max
+        self.robust_config()  # validates the robust options
+
+    def robust_config(self) -> RobustConfig:
+        return robust_config(
+            self.aggregator, self.trim, self.clip_norm, self.clip_relative, self.outlier_factor, self.norm_window
+        )
 
     def fairness_params(self) -> fair.FairnessParams:
         return fair.FairnessParams(gamma=self.gamma, a=self.a, beta=self.beta, h_min=self.h_min, h_max=self.h_max)
@@ -108,7 +116,7 @@ class AlignFedConfig:
         return cls(**dict(options))
 
 
-class AlignFed(Strategy):
+class AlignFed(BufferedStrategy):
     """The AlignFed strategy. `activations` is required when alignment is on.
 
     `state_of(v)` returns the stored global adapter of version v (the coordinator's version
@@ -134,6 +142,7 @@ class AlignFed(Strategy):
         cache_dtype: type[np.floating[Any]] = np.float16,
     ) -> None:
         self.config = cfg = config if config is not None else AlignFedConfig()
+        super().__init__(cfg.k, cfg.server_lr, cfg.method, cfg.error_feedback, cfg.robust_config())
         self._params = cfg.fairness_params()
         self._aligner: Aligner | None = None
         if cfg.alignment and cfg.grouping:
@@ -150,8 +159,8 @@ class AlignFed(Strategy):
             )
         self._state_of = state_of
         self._states: dict[int, AdapterState] = {}
-        self._buffer = UpdateBuffer()
         self._window = fair.ParticipationWindow(cfg.window)
+        self._round: _Round | None = None  # what `prepare` found, for `weights` and `describe`
 
     @classmethod
     def from_options(
@@ -166,16 +175,16 @@ class AlignFed(Strategy):
             raise ValueError(f"alignfed: give either config= or config fields, not both (got {sorted(options)})")
         return cls(config or AlignFedConfig.from_mapping(options), activations, state_of)
 
-    # -- Strategy interface -------------------------------------------------------------------
+    # -- buffered-strategy hooks ------------------------------------------------------------------
 
-    def add(self, update: ClientUpdate, current_version: int) -> None:
-        tau = check_version(update, current_version)
+    def admit(self, update: ClientUpdate, tau: int, current_version: int) -> None:
         if tau > self.config.tau_max:
             raise RejectedUpdate(
                 f"stale: base version {update.base_version} is {tau} behind current {current_version} "
                 f"(tau_max {self.config.tau_max})"
             )
-        self._buffer.add(update)
+
+    def accepted(self, update: ClientUpdate) -> None:
         self._window.record(update.device_id)  # p_i counts accepted updates
 
     def ready(self, now: float) -> bool:
@@ -183,9 +192,6 @@ class AlignFed(Strategy):
             return True
         oldest = self._buffer.oldest_received_at()
         return oldest is not None and now - oldest >= self.config.max_wait_s
-
-    def pending(self) -> list[ClientUpdate]:
-        return self._buffer.items()
 
     def remember(self, state: AdapterState) -> None:
         """Keep a global adapter so stale groups based on it can be aligned.
@@ -207,13 +213,21 @@ class AlignFed(Strategy):
     def restore_participation(self, devices: list[str]) -> None:
         self._window = fair.ParticipationWindow(self.config.window, devices)
 
-    def aggregate(self, current: AdapterState, now: float) -> Aggregation:
+    def history(self) -> dict[str, Any]:
+        return {"participation": self.participation()}
+
+    def restore(self, history: Mapping[str, Any]) -> None:
+        self.restore_participation(list(history.get("participation", [])))
+
+    def replay(self, aggregated: Iterable[tuple[str, int, int]]) -> None:
+        devices = [device for device, _, _ in aggregated]
+        self.restore_participation(devices[-self.config.window :])
+
+    def prepare(
+        self, updates: Sequence[ClientUpdate], taus: Sequence[int], current: AdapterState
+    ) -> list[Mapping[str, Factors]]:
         cfg = self.config
-        if not len(self._buffer):
-            raise RuntimeError("alignfed: aggregate() with an empty buffer; call it only when ready()")
-        trigger = "k" if len(self._buffer) >= cfg.k else "max_wait"
-        true_taus = {u.update_id: check_version(u, current.version) for u in self._buffer}
-        updates = canonical(self._buffer.items())  # removed from the buffer only once M_{t+1} exists
+        rnd = _Round(trigger="k" if len(self._buffer) >= cfg.k else "max_wait", conf=[1.0] * len(updates))
         self.remember(current)
 
         # 1. version-aware grouping: base version -> members (positions in `updates`)
@@ -223,9 +237,6 @@ class AlignFed(Strategy):
 
         # 2. alignment of every stale group onto version t
         deltas: list[Mapping[str, Factors]] = [u.deltas for u in updates]
-        conf = [1.0] * len(updates)
-        group_metrics: list[dict[str, Any]] = []
-        layer_rhos: dict[str, list[float]] = {}
         for v in sorted(groups):
             members = groups[v]
             info: dict[str, Any] = {
@@ -245,55 +256,57 @@ class AlignFed(Strategy):
                     c_v = confidence(result.mean_rho(), cfg.rho0)
                     for i, d in zip(members, result.deltas, strict=True):
                         deltas[i] = d
-                        conf[i] = c_v
+                        rnd.conf[i] = c_v
                     info.update(aligned=True, rho=result.rho, rho_mean=result.mean_rho(), confidence=c_v)
                     if result.missing:
                         info["missing_activations"] = result.missing
                     for lid, r in result.rho.items():
-                        layer_rhos.setdefault(lid, []).append(r)
+                        rnd.layer_rhos.setdefault(lid, []).append(r)
             info.setdefault("confidence", 1.0)
-            group_metrics.append(info)
+            rnd.groups.append(info)
+        self._round = rnd
+        return deltas
 
+    def weights(self, updates: Sequence[ClientUpdate], taus: Sequence[int]) -> list[float]:
         # 3. fairness-aware weights (a convex combination)
-        taus_for_weights = [true_taus[u.update_id] if cfg.grouping else 0 for u in updates]
+        cfg = self.config
+        conf = self._round.conf if self._round is not None else [1.0] * len(updates)
         w = fair.weights(
             samples=[u.samples for u in updates],
-            taus=taus_for_weights,
+            taus=[tau if cfg.grouping else 0 for tau in taus],
             devices=[u.device_id for u in updates],
             confidences=conf,
             window=self._window if cfg.fairness else None,
             params=self._params,
         )
+        return [float(x) for x in w]
 
-        # 4. M_{t+1} = s·B_t A_t + η Σ w_i D′_i, re-factorized with error feedback
-        combined = server_update.combine(deltas, [float(x) for x in w])
-        state = server_update.apply(
-            current, combined, server_lr=cfg.server_lr, method=cfg.method, error_feedback=cfg.error_feedback
-        )
+    def commit(self, updates: Sequence[ClientUpdate], taus: Sequence[int], state: AdapterState) -> None:
+        # 4. happened in the base: M_{t+1} = s·B_t A_t + η Σ w_i D′_i, re-factorized with error feedback
         self.remember(state)
 
-        taus = [true_taus[u.update_id] for u in updates]
+    def describe(self, updates: Sequence[ClientUpdate], taus: Sequence[int], weights: list[float]) -> dict[str, Any]:
+        rnd = self._round if self._round is not None else _Round(trigger="k", conf=[])
+        self._round = None
         counts = self._window.counts()
-        self._buffer.remove(u.update_id for u in updates)
-        return Aggregation(
-            state=state,
-            used=tuple(u.update_id for u in updates),
-            weights={u.update_id: float(x) for u, x in zip(updates, w, strict=True)},
-            metrics={
-                "trigger": trigger,
-                "buffered": len(updates),
-                "staleness": taus,
-                "weights": [float(x) for x in w],
-                "staleness_histogram": dict(sorted(Counter(taus).items())),
-                "groups": group_metrics,
-                "alignment_residual": {lid: float(np.mean(r)) for lid, r in sorted(layer_rhos.items())},
-                "jain_index": fair.jain_index(counts.values()),
-                "shares": fair.shares(counts),
-                "forward_passes": self._aligner.cache.forward_passes if self._aligner else 0,
-                "residual_norm": server_update.residual_norm(state),
-                "residual_dropped": state.dropped,
-            },
-        )
+        return {
+            "trigger": rnd.trigger,
+            "buffered": len(updates),
+            "staleness": list(taus),
+            "weights": weights,
+            "staleness_histogram": dict(sorted(Counter(taus).items())),
+            "groups": rnd.groups,
+            "alignment_residual": {lid: float(np.mean(r)) for lid, r in sorted(rnd.layer_rhos.items())},
+            "jain_index": fair.jain_index(counts.values()),
+            "shares": fair.shares(counts),
+            "forward_passes": self._aligner.cache.forward_passes if self._aligner else 0,
+        }
+
+    def aggregate(self, current: AdapterState, now: float) -> Aggregation:
+        try:
+            return super().aggregate(current, now)
+        finally:
+            self._round = None
 
     def _lookup(self, version: int) -> AdapterState | None:
         state = self._states.get(version)
@@ -302,3 +315,13 @@ class AlignFed(Strategy):
             if state is not None and state.version != version:
                 raise ValueError(f"alignfed: state_of({version}) returned version {state.version}")
         return state
+
+
+@dataclass
+class _Round:
+    """What one aggregation's alignment found, between `prepare` and `describe`."""
+
+    trigger: str
+    conf: list[float]  # c_v per update, 1 when not aligned
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    layer_rhos: dict[str, list[float]] = field(default_factory=dict)

@@ -9,7 +9,7 @@ simulator); staleness is always a difference of version numbers, never of clocks
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -94,3 +94,19 @@ class Strategy(ABC):
     @abstractmethod
     def pending(self) -> list[ClientUpdate]:
         """Updates buffered but not yet aggregated (in arrival order)."""
+
+    # -- per-device history (fairness, staleness reweighting, robust norms) ----------------------
+    # A strategy that weighs by what it saw before owns that memory: `history()` is a JSON-able
+    # snapshot and `restore()` takes it back; `replay()` rebuilds it from the version store's log
+    # of aggregated updates, which is what the coordinator does after a restart.
+
+    def history(self) -> Mapping[str, Any]:
+        """A JSON-able snapshot of what the weights depend on besides the buffer ({} if nothing)."""
+        return {}
+
+    def restore(self, history: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Resume from a `history()` snapshot."""
+
+    def replay(self, aggregated: Iterable[tuple[str, int, int]]) -> None:  # noqa: B027 - optional hook
+        """Rebuild the history from the store's log of aggregated updates, oldest first:
+        (device id, base version, version that folded it in)."""

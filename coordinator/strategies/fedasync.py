@@ -13,28 +13,26 @@ is each layer's adapter product s·B A (out, in), re-factorized to rank r afterw
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from alignfed.lowrank import Method
-from coordinator.strategies import server_update
-from coordinator.strategies.base import (
-    AdapterState,
-    Aggregation,
-    ClientUpdate,
-    Strategy,
-)
-from coordinator.strategies.buffer import UpdateBuffer, check_version
-from coordinator.strategies.staleness import Polynomial, StalenessWeight, make
+from coordinator.strategies.base import AdapterState, ClientUpdate
+from coordinator.strategies.buffered import BufferedStrategy, robust_config
+from coordinator.strategies.robust import Aggregator
+from coordinator.strategies.staleness import FEDBUFF, StalenessWeight, make
 
-FEDASYNC_WEIGHT = Polynomial(0.5)  # FedAsync's polynomial s(τ) = (1 + τ)^(−a), a = 0.5
+FEDASYNC_WEIGHT = FEDBUFF  # FedAsync's polynomial s(τ) = (1 + τ)^(−a), a = 0.5
 
 
-class FedAsync(Strategy):
+class FedAsync(BufferedStrategy):
     """x += α·s(τ)·Δ for one update at a time.
 
     Ready as soon as one update is buffered; `aggregate` consumes exactly one (the oldest) and leaves
     the rest buffered. Metrics: `staleness` and `weights` (one-element lists), `alpha`,
-    `residual_norm`.
+    `residual_norm`. Robust options as FedBuff's; the median and trimmed mean of one update are
+    that update, so clipping and the outlier filter (judged against recent norms) are the ones
+    that act here.
     """
 
     name: ClassVar[str] = "fedasync"
@@ -45,45 +43,30 @@ class FedAsync(Strategy):
         staleness: StalenessWeight | str = FEDASYNC_WEIGHT,
         method: Method = "pca",
         error_feedback: bool = True,
+        aggregator: Aggregator = "mean",
+        trim: float = 0.2,
+        clip_norm: float = 0.0,
+        clip_relative: float = 0.0,
+        outlier_factor: float = 0.0,
+        norm_window: int = 64,
     ) -> None:
-        if not 0 < alpha <= 1:
-            raise ValueError(f"fedasync: alpha (mixing weight) must be in (0, 1], got {alpha}")
-        self.alpha = alpha
+        if not (isinstance(alpha, int | float) and 0 < alpha <= 1):
+            raise ValueError(f"fedasync: alpha (mixing weight) must be in (0, 1], got {alpha!r}")
+        super().__init__(
+            1,
+            1.0,
+            method,
+            error_feedback,
+            robust_config(aggregator, trim, clip_norm, clip_relative, outlier_factor, norm_window),
+        )
+        self.alpha = float(alpha)
         self.staleness = make(staleness)
-        self.method: Method = method
-        self.error_feedback = error_feedback
-        self._buffer = UpdateBuffer()
 
-    def add(self, update: ClientUpdate, current_version: int) -> None:
-        check_version(update, current_version)
-        self._buffer.add(update)
+    def take(self, current: AdapterState) -> list[ClientUpdate]:
+        return self._buffer.items()[:1]  # the oldest arrival
 
-    def ready(self, now: float) -> bool:
-        return len(self._buffer) >= 1
+    def weights(self, updates: Sequence[ClientUpdate], taus: Sequence[int]) -> list[float]:
+        return [self.alpha * self.staleness(tau) for tau in taus]  # α·s(τ)
 
-    def pending(self) -> list[ClientUpdate]:
-        return self._buffer.items()
-
-    def aggregate(self, current: AdapterState, now: float) -> Aggregation:
-        if not len(self._buffer):
-            raise RuntimeError("fedasync: aggregate() with an empty buffer; call it only when ready()")
-        update = self._buffer.items()[0]
-        tau = check_version(update, current.version)
-        weight = self.alpha * self.staleness(tau)  # α·s(τ)
-        combined = server_update.combine_updates([update], [weight])
-        state = server_update.apply(
-            current, combined, server_lr=1.0, method=self.method, error_feedback=self.error_feedback
-        )
-        self._buffer.remove([update.update_id])
-        return Aggregation(
-            state=state,
-            used=(update.update_id,),
-            weights={update.update_id: weight},
-            metrics={
-                "staleness": [tau],
-                "weights": [weight],
-                "alpha": self.alpha,
-                "residual_norm": server_update.residual_norm(state),
-                "residual_dropped": state.dropped,
-            },
-        )
+    def describe(self, updates: Sequence[ClientUpdate], taus: Sequence[int], weights: list[float]) -> dict[str, Any]:
+        return {"staleness": list(taus), "weights": weights, "alpha": self.alpha}

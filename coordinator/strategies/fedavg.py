@@ -12,29 +12,29 @@ the synchronous baseline: the round waits for the slowest of the n devices.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from alignfed.errors import RejectedUpdate
 from alignfed.lowrank import Method
-from coordinator.strategies import server_update
-from coordinator.strategies.base import (
-    AdapterState,
-    Aggregation,
-    ClientUpdate,
-    Strategy,
-)
-from coordinator.strategies.buffer import UpdateBuffer, canonical, check_version
+from coordinator.strategies.base import AdapterState, ClientUpdate
+from coordinator.strategies.buffer import canonical
+from coordinator.strategies.buffered import BufferedStrategy, robust_config
+from coordinator.strategies.robust import Aggregator
 
 
-class FedAvg(Strategy):
+class FedAvg(BufferedStrategy):
     """Synchronous rounds over `n` devices, sample-weighted mean.
 
     Rejects updates not based on the current version ("stale: ...") and a second update from a
     device already in the round ("duplicate: ..."). Metrics: `round_version`, `devices`,
     `samples`, `weights`, `residual_norm`.
+    Robust options (off by default; `coordinator.strategies.robust`): `aggregator` mean | median |
+    trimmed_mean (with `trim`), `clip_norm`, `clip_relative`, `outlier_factor`, `norm_window`.
     """
 
     name: ClassVar[str] = "fedavg"
+    size_name = "n (devices per round)"
 
     def __init__(
         self,
@@ -42,19 +42,24 @@ class FedAvg(Strategy):
         server_lr: float = 1.0,
         method: Method = "pca",
         error_feedback: bool = True,
+        aggregator: Aggregator = "mean",
+        trim: float = 0.2,
+        clip_norm: float = 0.0,
+        clip_relative: float = 0.0,
+        outlier_factor: float = 0.0,
+        norm_window: int = 64,
     ) -> None:
-        if n < 1:
-            raise ValueError(f"fedavg: n (devices per round) must be ≥ 1, got {n}")
-        if not server_lr > 0:
-            raise ValueError(f"fedavg: server_lr must be > 0, got {server_lr}")
+        super().__init__(
+            n,
+            server_lr,
+            method,
+            error_feedback,
+            robust_config(aggregator, trim, clip_norm, clip_relative, outlier_factor, norm_window),
+        )
         self.n = n
-        self.server_lr = server_lr
-        self.method: Method = method
-        self.error_feedback = error_feedback
-        self._buffer = UpdateBuffer()
+        self._round = 0  # the version of the round being aggregated
 
-    def add(self, update: ClientUpdate, current_version: int) -> None:
-        tau = check_version(update, current_version)
+    def admit(self, update: ClientUpdate, tau: int, current_version: int) -> None:
         if tau > 0:
             raise RejectedUpdate(
                 f"stale: base version {update.base_version} but the synchronous round aggregates on "
@@ -66,41 +71,28 @@ class FedAvg(Strategy):
             )
         if update.samples < 0:
             raise RejectedUpdate(f"invalid: negative sample count {update.samples}")
-        self._buffer.add(update)
 
     def ready(self, now: float) -> bool:
         return len({u.device_id for u in self._buffer}) >= self.n
 
-    def pending(self) -> list[ClientUpdate]:
-        return self._buffer.items()
-
-    def aggregate(self, current: AdapterState, now: float) -> Aggregation:
-        if not len(self._buffer):
-            raise RuntimeError("fedavg: aggregate() with an empty round; call it only when ready()")
+    def take(self, current: AdapterState) -> list[ClientUpdate]:
         off = [u.update_id for u in self._buffer if u.base_version != current.version]
         if off:
             raise RuntimeError(
                 f"fedavg: updates {off} were accepted for another version than the current {current.version}"
             )
-        updates = canonical(self._buffer.items())
+        self._round = current.version
+        return canonical(self._buffer.items())
+
+    def weights(self, updates: Sequence[ClientUpdate], taus: Sequence[int]) -> list[float]:
         total = sum(u.samples for u in updates)
         # n_i / Σ n_j; uniform if no device reports samples
-        weights = [u.samples / total for u in updates] if total > 0 else [1.0 / len(updates)] * len(updates)
-        combined = server_update.combine_updates(updates, weights)
-        state = server_update.apply(
-            current, combined, server_lr=self.server_lr, method=self.method, error_feedback=self.error_feedback
-        )
-        self._buffer.remove(u.update_id for u in updates)
-        return Aggregation(
-            state=state,
-            used=tuple(u.update_id for u in updates),
-            weights={u.update_id: w for u, w in zip(updates, weights, strict=True)},
-            metrics={
-                "round_version": current.version,
-                "devices": [u.device_id for u in updates],
-                "samples": [u.samples for u in updates],
-                "weights": weights,
-                "residual_norm": server_update.residual_norm(state),
-                "residual_dropped": state.dropped,
-            },
-        )
+        return [u.samples / total for u in updates] if total > 0 else [1.0 / len(updates)] * len(updates)
+
+    def describe(self, updates: Sequence[ClientUpdate], taus: Sequence[int], weights: list[float]) -> dict[str, Any]:
+        return {
+            "round_version": self._round,
+            "devices": [u.device_id for u in updates],
+            "samples": [u.samples for u in updates],
+            "weights": weights,
+        }

@@ -18,25 +18,23 @@ keeps a positive weight.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 from alignfed.lowrank import Method
-from coordinator.strategies import server_update
-from coordinator.strategies.base import (
-    AdapterState,
-    Aggregation,
-    ClientUpdate,
-    Strategy,
-)
-from coordinator.strategies.buffer import UpdateBuffer, canonical, check_version
+from coordinator.strategies.base import AdapterState, ClientUpdate
+from coordinator.strategies.buffered import BufferedStrategy, robust_config
+from coordinator.strategies.robust import Aggregator
 
 
-class FedStaleWeight(Strategy):
+class FedStaleWeight(BufferedStrategy):
     """Buffer K updates, weight each by its device's average (1 + τ), normalised.
 
     Metrics: `staleness`, `weights` (lists in `used` order), `device_staleness` (device -> τ̄ after
     this aggregation), `buffered`, `server_lr`, `residual_norm`. The per-device history lives in
-    memory (`history()` / `restore()` let the service persist it).
+    memory (`history()` / `restore()` / `replay()` let the service persist it).
+    Robust options (off by default; `coordinator.strategies.robust`): `aggregator` mean | median |
+    trimmed_mean (with `trim`), `clip_norm`, `clip_relative`, `outlier_factor`, `norm_window`.
     """
 
     name: ClassVar[str] = "fedstaleweight"
@@ -47,28 +45,23 @@ class FedStaleWeight(Strategy):
         server_lr: float = 1.0,
         method: Method = "pca",
         error_feedback: bool = True,
+        aggregator: Aggregator = "mean",
+        trim: float = 0.2,
+        clip_norm: float = 0.0,
+        clip_relative: float = 0.0,
+        outlier_factor: float = 0.0,
+        norm_window: int = 64,
     ) -> None:
-        if k < 1:
-            raise ValueError(f"fedstaleweight: k (buffer size) must be ≥ 1, got {k}")
-        if not server_lr > 0:
-            raise ValueError(f"fedstaleweight: server_lr must be > 0, got {server_lr}")
-        self.k = k
-        self.server_lr = server_lr
-        self.method: Method = method
-        self.error_feedback = error_feedback
-        self._buffer = UpdateBuffer()
+        super().__init__(
+            k,
+            server_lr,
+            method,
+            error_feedback,
+            robust_config(aggregator, trim, clip_norm, clip_relative, outlier_factor, norm_window),
+        )
         self._count: dict[str, int] = {}  # device -> aggregated updates
         self._sum: dict[str, int] = {}  # device -> Σ τ over them
-
-    def add(self, update: ClientUpdate, current_version: int) -> None:
-        check_version(update, current_version)
-        self._buffer.add(update)
-
-    def ready(self, now: float) -> bool:
-        return len(self._buffer) >= self.k
-
-    def pending(self) -> list[ClientUpdate]:
-        return self._buffer.items()
+        self._next: tuple[dict[str, int], dict[str, int]] | None = None  # history once this aggregation commits
 
     def mean_staleness(self, device_id: str) -> float:
         """τ̄ of a device over its aggregated updates (0 before its first)."""
@@ -79,42 +72,34 @@ class FedStaleWeight(Strategy):
         """device -> (aggregated updates, Σ τ): everything needed to resume the weights."""
         return {d: (self._count[d], self._sum[d]) for d in sorted(self._count)}
 
-    def restore(self, history: dict[str, tuple[int, int]]) -> None:
+    def restore(self, history: Mapping[str, Any]) -> None:
         self._count = {d: int(c) for d, (c, _) in history.items()}
         self._sum = {d: int(s) for d, (_, s) in history.items()}
 
-    def aggregate(self, current: AdapterState, now: float) -> Aggregation:
-        if not len(self._buffer):
-            raise RuntimeError("fedstaleweight: aggregate() with an empty buffer; call it only when ready()")
-        for u in self._buffer:
-            check_version(u, current.version)
-        updates = canonical(self._buffer.items())
-        taus = [current.version - u.base_version for u in updates]
+    def replay(self, aggregated: Iterable[tuple[str, int, int]]) -> None:
+        history: dict[str, tuple[int, int]] = {}
+        for device, base, version in aggregated:
+            count, total = history.get(device, (0, 0))
+            history[device] = (count + 1, total + (version - 1 - base))  # τ when it was aggregated
+        self.restore(history)
+
+    def weights(self, updates: Sequence[ClientUpdate], taus: Sequence[int]) -> list[float]:
         count, total_tau = dict(self._count), dict(self._sum)  # committed only on success
         for u, tau in zip(updates, taus, strict=True):
             count[u.device_id] = count.get(u.device_id, 0) + 1
             total_tau[u.device_id] = total_tau.get(u.device_id, 0) + tau
+        self._next = (count, total_tau)
         raw = [1.0 + total_tau[u.device_id] / count[u.device_id] for u in updates]  # 1 + τ̄_d
         total = sum(raw)
-        weights = [r / total for r in raw]
-        combined = server_update.combine_updates(updates, weights)
-        state = server_update.apply(
-            current, combined, server_lr=self.server_lr, method=self.method, error_feedback=self.error_feedback
-        )
+        return [r / total for r in raw]
+
+    def commit(self, updates: Sequence[ClientUpdate], taus: Sequence[int], state: AdapterState) -> None:
+        if self._next is not None:
+            self._count, self._sum = self._next
+            self._next = None
+
+    def describe(self, updates: Sequence[ClientUpdate], taus: Sequence[int], weights: list[float]) -> dict[str, Any]:
+        metrics = super().describe(updates, taus, weights)
         devices = sorted({u.device_id for u in updates})
-        self._buffer.remove(u.update_id for u in updates)
-        self._count, self._sum = count, total_tau
-        return Aggregation(
-            state=state,
-            used=tuple(u.update_id for u in updates),
-            weights={u.update_id: w for u, w in zip(updates, weights, strict=True)},
-            metrics={
-                "staleness": taus,
-                "weights": weights,
-                "device_staleness": {d: self.mean_staleness(d) for d in devices},
-                "buffered": len(updates),
-                "server_lr": self.server_lr,
-                "residual_norm": server_update.residual_norm(state),
-                "residual_dropped": state.dropped,
-            },
-        )
+        metrics["device_staleness"] = {d: self.mean_staleness(d) for d in devices}
+        return metrics

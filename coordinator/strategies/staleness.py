@@ -5,16 +5,22 @@ clocks. Each weight is a tiny frozen class with `__call__(tau) -> float`, s(0) =
 non-increasing, in the style of FLSim's `AsyncWeight` classes.
 
 - `Constant`: s(τ) = c (staleness ignored).
-- `Polynomial`: s(τ) = (1 + τ)^(−a) (FedAsync, Xie et al. 2019, "polynomial" with exponent a).
+- `Polynomial`: s(τ) = (1 + τ)^(−a) (FedAsync, Xie et al. 2019, "polynomial" with exponent a);
+  a = 0.5 is FedBuff's 1/√(1 + τ) (Nguyen et al. 2022, Sec. 5), `FEDBUFF`, config name `sqrt`.
 - `Hinge`: s(τ) = 1 if τ ≤ b else 1 / (a(τ − b) + 1) (FedAsync's hinge function).
-- `InverseSqrt`: s(τ) = 1/√(1 + τ) (FedBuff, Nguyen et al. 2022, Sec. 5).
+
+`polynomial(taus, a)` is the vectorised (1 + τ)^(−a) that AlignFed's fairness weights use, so the
+freshness factor of every strategy is written once, here.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
 
 
 @runtime_checkable
@@ -54,7 +60,15 @@ class Polynomial:
             raise ValueError(f"polynomial staleness exponent must be ≥ 0, got {self.exponent}")
 
     def __call__(self, tau: int) -> float:
-        return float((1.0 + _check_tau(tau)) ** (-self.exponent))
+        return float(polynomial([_check_tau(tau)], self.exponent)[0])
+
+
+def polynomial(taus: Sequence[int] | np.ndarray, exponent: float) -> np.ndarray:
+    """(1 + τ)^(−exponent) for every τ (m,) → (m,) float64; τ must be ≥ 0."""
+    tau = np.asarray(taus, dtype=np.float64)  # (m,)
+    if np.any(tau < 0):
+        raise ValueError(f"staleness must be ≥ 0, got {tau.min():g} (an update based on a future version?)")
+    return np.power(1.0 + tau, -exponent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,21 +88,13 @@ class Hinge:
         return 1.0 / (self.a * (tau - self.b) + 1.0)
 
 
-@dataclass(frozen=True, slots=True)
-class InverseSqrt:
-    """s(τ) = 1/√(1 + τ) (FedBuff, Nguyen et al. 2022)."""
+FEDBUFF = Polynomial(0.5)  # 1/√(1 + τ): the default of FedBuff and FedAsync
 
-    def __call__(self, tau: int) -> float:
-        return 1.0 / math.sqrt(1.0 + _check_tau(tau))
-
-
-FEDBUFF = InverseSqrt()  # the default of FedBuff and FedStaleWeight
-
-KINDS: dict[str, type[Constant | Polynomial | Hinge | InverseSqrt]] = {
+KINDS: dict[str, Callable[..., StalenessWeight]] = {
     "constant": Constant,
     "polynomial": Polynomial,
     "hinge": Hinge,
-    "sqrt": InverseSqrt,
+    "sqrt": partial(Polynomial, 0.5),
 }
 
 

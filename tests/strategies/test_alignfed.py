@@ -79,23 +79,32 @@ def test_full_pipeline_metrics_and_conservation(syn: Any) -> None:
     assert m["shares"] == {"a": 0.4, "b": 0.2, "c": 0.2, "d": 0.2}
     assert m["forward_passes"] == 3  # versions 3, 5 and 6
     # error feedback: s·B A + R moved by exactly η Σ w_i D′_i (nothing lost to the truncation)
-    aligned = _aligned_deltas(af, updates, current)
+    aligned = _aligned_deltas(syn, af.config.lam, updates, current)
+    moved = max(np.abs(aligned["u3"][lid] - syn.dense(updates[3])[lid]).max() for lid in ("1.q", "2.v"))
+    assert moved > 1e-2  # the stale groups really were changed by alignment (not a vacuous identity)
     before, after = syn.totals(current), syn.totals(agg.state)
     for lid in before:
         expected = sum(agg.weights[u.update_id] * aligned[u.update_id][lid] for u in updates)
         np.testing.assert_allclose(after[lid], before[lid] + expected, atol=1e-5)
 
 
-def _aligned_deltas(af: AlignFed, updates: list[Any], current: Any) -> dict[str, dict[str, np.ndarray]]:
-    """Re-run the alignment the strategy did, per update (it is linear, so per group = per update)."""
-    assert af._aligner is not None
-    out = {}
+def _aligned_deltas(syn: Any, lam: float, updates: list[Any], current: Any) -> dict[str, dict[str, np.ndarray]]:
+    """D′ = D P per update from the design's formula, computed here with numpy on the chain's own
+    activations (independent of the code under test):
+    P = (X_vᵀX_t + λI)(X_tᵀX_t + λI)⁻¹, λ = lam · tr(X_tᵀX_t) / in."""
+    chain = syn.chain()
+    acts_t = chain.activations(current)
+    out: dict[str, dict[str, np.ndarray]] = {}
     for u in updates:
-        if u.base_version == current.version:
-            out[u.update_id] = {lid: f.dense() for lid, f in u.deltas.items()}
-        else:
-            g = af._aligner.align_group([u.deltas], u.base_version, current)
-            out[u.update_id] = {lid: f.dense() for lid, f in g.deltas[0].items()}
+        acts_v = chain.activations(syn.state(version=u.base_version, seed=u.base_version, shapes=syn.chain_shapes))
+        out[u.update_id] = {}
+        for lid, f in u.deltas.items():
+            x_v, x_t = acts_v[lid], acts_t[lid]  # (n, in) each
+            gram = x_t.T @ x_t  # (in, in)
+            eye = np.eye(gram.shape[0])
+            ridge = lam * np.trace(gram) / gram.shape[0]
+            p = (x_v.T @ x_t + ridge * eye) @ np.linalg.inv(gram + ridge * eye)  # (in, in)
+            out[u.update_id][lid] = f.dense() @ p  # (out, in)
     return out
 
 

@@ -14,24 +14,25 @@ from coordinator.strategies import NAMES, build, server_update
 from coordinator.strategies.fedasync import FedAsync
 from coordinator.strategies.fedavg import FedAvg
 from coordinator.strategies.fedstaleweight import FedStaleWeight
-from coordinator.strategies.staleness import Constant, Hinge, InverseSqrt, Polynomial, make
+from coordinator.strategies.staleness import FEDBUFF, Constant, Hinge, Polynomial, make, polynomial
 
 
 def test_staleness_weights() -> None:
     assert Constant(0.7)(5) == 0.7
     assert Polynomial(0.5)(3) == pytest.approx(0.5)
-    assert InverseSqrt()(8) == pytest.approx(1 / 3)
+    assert FEDBUFF(8) == pytest.approx(1 / 3) and make("sqrt") == Polynomial(0.5) == FEDBUFF
+    np.testing.assert_allclose(polynomial([0, 3, 8], 0.5), [1.0, 0.5, 1 / 3])
     h = Hinge(a=10, b=4)
     assert [h(t) for t in (0, 4)] == [1.0, 1.0]
     assert h(6) == pytest.approx(1 / 21)
-    for w in (Constant(), Polynomial(1.3), Hinge(), InverseSqrt()):
+    for w in (Constant(), Polynomial(1.3), Hinge(), FEDBUFF):
         values = [w(t) for t in range(20)]
         assert values[0] == 1.0 and values == sorted(values, reverse=True)
     assert make("hinge", a=2, b=1) == Hinge(2, 1)
     with pytest.raises(ValueError, match="expected one of constant, polynomial, hinge, sqrt"):
         make("linear")
     with pytest.raises(ValueError, match="≥ 0"):
-        InverseSqrt()(-1)
+        FEDBUFF(-1)
 
 
 def test_fedasync_applies_one_at_a_time_oldest_first(syn: Any) -> None:
