@@ -1,13 +1,10 @@
 """Local LoRA training with PyTorch: the backend for devices without ONNX Runtime training (aarch64).
 
-onnxruntime-training has no aarch64 wheels, so Raspberry Pis and Jetsons train with this class. It
-runs the same network as the bundle's ONNX graph (export/onnx_graph.py: RMSNorm in fp32,
-rotate-half RoPE, grouped-query eager attention with HF's additive causal mask, SwiGLU, shifted
-cross-entropy with ignore index −100, Qwen2's q/k/v bias) on the same frozen base weights, read
-from the bundle's calibration model — the int8 bundle's weights are dequantized exactly as
-`DequantizeLinear` does, so both backends train the same numbers. Gradients come from autograd;
-the update is `edge.adamw.AdamW` with the bundle's optimizer hyper-parameters, i.e. the ORT
-kernel's, so a device's result does not depend on which backend it runs.
+onnxruntime-training has no aarch64 wheels, so Raspberry Pis and Jetsons train with this class. The
+network is `edge.torch_network.TorchNetwork` (the bundle's ONNX graph in PyTorch, on the same
+frozen base weights) with one adapter; gradients come from autograd; the update is
+`edge.adamw.AdamW` with the bundle's optimizer hyper-parameters, i.e. the ORT kernel's, so a
+device's result does not depend on which backend it runs.
 
 Where it trains is `edge.accelerator`'s choice (a Jetson's GPU when the profile allows it, else the
 CPU, the reason logged); before training, `edge.selfcheck` proves this torch multiplies correctly
@@ -22,41 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from alignfed import lora, protocol
 from alignfed import manifest as mf
-from alignfed.errors import BundleError, TrainingError
-from alignfed.rope import rope_tables
+from alignfed import protocol
+from alignfed.errors import TrainingError
 from alignfed.text import Batch
 from edge import selfcheck
 from edge.accelerator import Placement, choose
 from edge.adamw import AdamW, Moments
+from edge.torch_network import TorchNetwork, base_weights, import_torch
 
-QKV_BIAS = ("q", "k", "v")  # projections with a bias when Architecture.qkv_bias (Qwen2)
-
-
-def base_weights(bundle: Path) -> dict[str, np.ndarray]:
-    """The frozen base in HF names (Linear weights (out, in), float32) from the calibration model."""
-    import onnx
-    from onnx import numpy_helper
-
-    path = Path(bundle) / mf.CALIB_MODEL
-    if not path.is_file():
-        raise BundleError(f"{path}: missing calibration model; re-export the bundle with `alignfed export`")
-    inits = {t.name: t for t in onnx.load(str(path)).graph.initializer}
-    out: dict[str, np.ndarray] = {}
-    for name, t in inits.items():
-        if name.startswith("const.") or name.endswith(mf.BASE_SCALE):
-            continue
-        arr = numpy_helper.to_array(t)
-        if name.endswith(mf.BASE_INT8):  # (in, out) int8 · scale (out,), as DequantizeLinear(axis=1)
-            hf = name[: -len(mf.BASE_INT8)]
-            scale = numpy_helper.to_array(inits[hf + mf.BASE_SCALE]).astype(np.float32)
-            out[hf] = np.ascontiguousarray((arr.astype(np.float32) * scale[None, :]).T)
-        elif name.endswith(mf.BASE_T):
-            out[name[: -len(mf.BASE_T)]] = np.ascontiguousarray(arr.T.astype(np.float32))
-        else:
-            out[name] = arr.astype(np.float32)
-    return out
+__all__ = ["TorchTrainer", "base_weights"]
 
 
 class TorchTrainer:
@@ -72,35 +44,19 @@ class TorchTrainer:
         accelerator: str = "cpu",
         placement: Placement | None = None,
     ) -> None:
-        try:
-            import torch
-        except ImportError as exc:
-            raise TrainingError(
-                "PyTorch is not installed; the torch trainer backend needs `pip install torch` "
-                "(on x86_64 the default ort backend needs no torch)"
-            ) from exc
-        self._torch = torch
+        torch = self._torch = import_torch()
         torch.set_num_threads(max(1, threads))
         self.placement = placement or choose(torch, accelerator)
         self.device, self.compute = self.placement.device, self.placement.dtype(torch)
         selfcheck.check_matmul(torch)  # the CPU path always runs (embedding, norms, a CUDA fallback)
         if self.device != "cpu" or self.compute != torch.float32:
             selfcheck.check_matmul(torch, device=self.device, dtype=self.compute)
-        self.arch = a = manifest.architecture
-        self.scale = manifest.lora.scale
         self.lr = lr
         self.shapes = manifest.lora_shapes()
         self.names = sorted(self.shapes)
-        self.targets = set(manifest.lora.targets)
         self.optimizer = AdamW.from_model(Path(bundle) / mf.OPTIMIZER_MODEL)
         self.moments = Moments.zeros(self.shapes)
-        w = {k: self._place_base(k, v) for k, v in base_weights(bundle).items()}
-        missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in w]
-        if missing:
-            raise BundleError(f"{bundle}: calibration model lacks base tensors {missing}")
-        self.w = w
-        cos, sin = rope_tables(a)  # (S, hd)
-        self.cos, self.sin = torch.from_numpy(cos).to(self.device), torch.from_numpy(sin).to(self.device)
+        self.net = TorchNetwork(bundle, manifest, device=self.device, compute=self.compute)
         self.params: dict[str, Any] = {}
         init = Path(bundle) / mf.ADAPTER_INIT
         if init.is_file():
@@ -144,70 +100,6 @@ class TorchTrainer:
         with self._torch.no_grad():
             return float(self._loss(batch))
 
-    def _place_base(self, name: str, arr: np.ndarray) -> Any:
-        """A frozen base tensor on the training device: matrices in the compute dtype, vectors fp32."""
-        t = self._torch.from_numpy(arr).to(self.device)
-        return t.to(self.compute) if t.ndim == 2 else t  # norms and biases: (H,), stay fp32
-
-    # -- the network (mirrors export/onnx_graph.py) ---------------------------------------------
-
     def _loss(self, batch: Batch) -> Any:
-        torch, a, w = self._torch, self.arch, self.w
-        ids = torch.from_numpy(np.asarray(batch.input_ids, dtype=np.int64)).to(self.device)  # (B, T)
-        labels = torch.from_numpy(np.asarray(batch.labels, dtype=np.int64)).to(self.device)  # (B, T)
-        t = ids.shape[1]
-        cos, sin = self.cos[:t], self.sin[:t]  # (T, hd)
-        pos = torch.arange(t, device=self.device)
-        future = pos[None, :] > pos[:, None]  # (T, T): key after query
-        mask = torch.where(future, torch.finfo(torch.float32).min, 0.0)
-        h = w["model.embed_tokens.weight"][ids].float()  # (B, T, H)
-        for i in range(a.n_layers):
-            p = f"model.layers.{i}."
-            h = h + self._attention(self._rms(h, w[p + "input_layernorm.weight"]), i, cos, sin, mask)
-            h = h + self._mlp(self._rms(h, w[p + "post_attention_layernorm.weight"]), i)
-        h = self._rms(h, w["model.norm.weight"])[:, :-1].reshape(-1, a.hidden)  # (N, H): t predicts t + 1
-        head = w["model.embed_tokens.weight"] if a.tie_embeddings else w["lm_head.weight"]  # (V, H)
-        logits = (h.to(self.compute) @ head.T).float()  # (N, V)
-        return torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
-
-    def _rms(self, x: Any, weight: Any) -> Any:
-        var = (x * x).mean(dim=-1, keepdim=True)  # (B, T, 1)
-        return x / (var + self.arch.rms_eps).sqrt() * weight
-
-    def _linear(self, x: Any, layer: int, module: str) -> Any:
-        """x (B, T, in) -> (B, T, out): frozen projection (+ bias) + s·(x Aᵀ) Bᵀ when adapted."""
-        hf = lora.hf_weight_name(layer, module)
-        y = (x.to(self.compute) @ self.w[hf].T).float()  # frozen base in the compute dtype, fp32 out
-        if self.arch.qkv_bias and module in QKV_BIAS:
-            y = y + self.w[hf[: -len("weight")] + "bias"]
-        if module in self.targets:
-            a_ = self.params[lora.key(layer, module, "A")]  # (r, in)
-            b_ = self.params[lora.key(layer, module, "B")]  # (out, r)
-            y = y + ((x @ a_.T) * self.scale) @ b_.T
-        return y
-
-    def _rope(self, x: Any, cos: Any, sin: Any) -> Any:
-        half = self.arch.head_dim // 2
-        rot = self._torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rot * sin
-
-    def _attention(self, x: Any, layer: int, cos: Any, sin: Any, mask: Any) -> Any:
-        a = self.arch
-        b, t, _ = x.shape
-        hd, nh, nkv = a.head_dim, a.n_heads, a.n_kv_heads
-
-        def heads(y: Any, n: int) -> Any:  # (B, T, n·hd) -> (B, n, T, hd)
-            return y.reshape(b, t, n, hd).transpose(1, 2)
-
-        q = self._rope(heads(self._linear(x, layer, "q"), nh), cos, sin)
-        k = self._rope(heads(self._linear(x, layer, "k"), nkv), cos, sin)
-        v = heads(self._linear(x, layer, "v"), nkv)
-        q5 = q.reshape(b, nkv, nh // nkv, t, hd)  # query head j reads kv head j // rep (HF repeat_kv)
-        scores = q5 @ k.unsqueeze(2).transpose(-1, -2) * float(hd) ** -0.5 + mask  # (B, nkv, rep, T, T)
-        ctx = scores.softmax(dim=-1) @ v.unsqueeze(2)  # (B, nkv, rep, T, hd)
-        ctx = ctx.reshape(b, nh, t, hd).transpose(1, 2).reshape(b, t, nh * hd)
-        return self._linear(ctx, layer, "o")
-
-    def _mlp(self, x: Any, layer: int) -> Any:
-        gate = self._linear(x, layer, "gate")
-        return self._linear(gate * gate.sigmoid() * self._linear(x, layer, "up"), layer, "down")
+        one = {n: p.unsqueeze(0) for n, p in self.params.items()}  # (1, r, in) / (1, out, r): one adapter
+        return self.net.losses(batch.input_ids, batch.labels, one)[0]

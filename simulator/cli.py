@@ -151,7 +151,14 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="evaluate at most once per this many virtual seconds (default 0: no limit); evaluation cost "
         "then scales with the horizon, not with how many versions a strategy makes",
     )
-    t.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1)")
+    t.add_argument("--threads", type=int, default=1, help="ONNX Runtime / PyTorch threads (default 1)")
+    t.add_argument(
+        "--trainer",
+        choices=["ort", "batched"],
+        default="ort",
+        help="ort: each round on ONNX Runtime, one device at a time (default); batched: the rounds of "
+        "devices training at once in one PyTorch pass per step (a CUDA GPU when present), same results",
+    )
     t.add_argument("--seed", type=int, default=0, help="seed of data split, partition, batches and availability")
 
     a = p.add_argument_group("task accuracy")
@@ -202,6 +209,7 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
         calibration_data=Path(args.calibration_data) if args.calibration_data else None,
         threads=args.threads,
         seed=args.seed,
+        trainer=args.trainer,
     )
     simulation = SimulationConfig(
         horizon_s=args.horizon,

@@ -22,13 +22,18 @@ class EventQueue(Generic[T]):
         self._seq = 0
         self.now = 0.0  # time of the last popped item
 
-    def push(self, at: float, item: T) -> None:
+    def push(self, at: float, item: T, *, order: int | None = None) -> None:
+        """Schedule `item`; `order` (from `reserve`) places it among ties as if pushed back then."""
         if not math.isfinite(at):
             raise ValueError(f"event time must be finite, got {at}")
         if at < self.now:
             raise ValueError(f"cannot schedule an event at {at:.6f} s, before the current time {self.now:.6f} s")
-        heapq.heappush(self._heap, (at, self._seq, item))
+        heapq.heappush(self._heap, (at, self.reserve() if order is None else order, item))
+
+    def reserve(self) -> int:
+        """A tie-breaking position for an item to be pushed later."""
         self._seq += 1
+        return self._seq - 1
 
     def pop(self) -> tuple[float, T]:
         if not self._heap:

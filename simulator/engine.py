@@ -7,9 +7,13 @@ devices. Per device:
     │                                                                            arrive
     └─ (duty-cycle rest) ─ start from the newest global *received* ────────────────┘
 
-- A round is trained for real, eagerly, when it starts (ORT on the shared trainer): its result
-  depends only on the start adapter, the device's batches and, with `optimizer="device"`, the
-  device's own optimizer moments, so it can be computed at once and its arrival put on the queue.
+- A round's result depends only on its start adapter, the device's batches (drawn when it starts)
+  and, with `optimizer="device"`, the device's own optimizer moments — nothing that happens while
+  it trains changes it. So started rounds wait, and are trained together, in one
+  `trainer.train_many` call, just before the clock reaches the earliest moment one of them could
+  end (its start + training time): the batched trainer steps them all in one pass per step. Each
+  arrival keeps the queue position it would have had if pushed at its start, so the event log is
+  that of training each round when it starts.
 - Asynchronous strategies: the next round starts right after the upload (plus the duty-cycle
   rest), from the newest global the device has received. Synchronous runs (`fedavg`): the device
   waits until it has received a version newer than the one it last trained on.
@@ -53,7 +57,7 @@ from simulator.fleet import SimDevice
 from simulator.metrics import AccuracyPoint, EvalPoint, RunResult
 from simulator.testbed import DeviceData, Testbed
 from simulator.timing import Timing
-from simulator.training import Moments
+from simulator.training import Moments, TrainJob
 
 OptimizerScope = Literal["round", "device"]
 T = TypeVar("T")
@@ -167,6 +171,19 @@ class _Poll:
 _Item = _Deliver | _Arrive | _Free | _Online | _Poll
 
 
+@dataclass(frozen=True, slots=True)
+class _Round:
+    """A started round not yet trained; `order` is its arrival's reserved queue position."""
+
+    device: str
+    base: AdapterState
+    start: float
+    train_s: float
+    batches: list[Batch]
+    index: int  # the device's round number
+    order: int
+
+
 @dataclass(slots=True)
 class _DeviceState:
     device: SimDevice
@@ -219,6 +236,7 @@ class Simulation:
         self.result = RunResult(variant=variant, strategy=strategy.name, devices=[d.device_id for d in testbed.devices])
         self._poll_pending = False
         self._done = False
+        self._started: list[_Round] = []  # rounds waiting to be trained together
         self._last_eval = -1
         self._last_eval_at = -math.inf
         self._global_bytes = 0
@@ -247,8 +265,11 @@ class Simulation:
 
     def run(self) -> RunResult:
         self._publish(self.current, 0.0, metrics={})
-        while self.queue and not self._done:
+        while not self._done:
             due = self.queue.next_time()
+            if self._started and (due is None or due >= min(r.start + r.train_s for r in self._started)):
+                self._train_started()  # an arrival may now come before the next event
+                continue
             if due is None or due > self.cfg.horizon_s:
                 break
             now, item = self.queue.pop()
@@ -331,31 +352,45 @@ class Simulation:
         if base is None:
             raise RuntimeError(f"simulation: version {dev.received} held by {dev.device.device_id} was pruned")
         self._log(Event(now, "start", dev.device.device_id, version=base.version))
-        _, payload = self._train_round(dev, base, now, train_s)
-        upload_s = self.cfg.timing.upload_s(p, len(payload))
-        arrive = now + train_s + upload_s
-        decoded = protocol.decode_update(payload, self._payload_limit).update  # what the coordinator sees
-        client = ClientUpdate.from_message(decoded, arrive)
-        self.queue.push(arrive, _Arrive(dev.device.device_id, client, len(payload), train_s + upload_s))
+        batches = list(self._batches(dev, p.local_steps))
+        self._started.append(
+            _Round(dev.device.device_id, base, now, train_s, batches, dev.rounds, self.queue.reserve())
+        )
         dev.last_base = base.version
         dev.rounds += 1
         self.result.rounds += 1
 
-    def _train_round(
-        self, dev: _DeviceState, base: AdapterState, now: float, train_s: float
+    def _train_started(self) -> None:
+        """Train every started round in one `train_many` call and schedule their arrivals."""
+        started, self._started = self._started, []
+        jobs = [
+            TrainJob(
+                r.base.tensors, r.batches, self.devices[r.device].device.profile.lr, self.devices[r.device].moments
+            )
+            for r in started
+        ]
+        for r, trained in zip(started, self.tb.trainer.train_many(jobs), strict=True):
+            dev = self.devices[r.device]
+            _, payload = self._encode_round(dev, r, trained.tensors, float(np.mean(trained.losses)))
+            upload_s = self.cfg.timing.upload_s(dev.device.profile, len(payload))
+            arrive = r.start + r.train_s + upload_s
+            decoded = protocol.decode_update(payload, self._payload_limit).update  # what the coordinator sees
+            client = ClientUpdate.from_message(decoded, arrive)
+            self.queue.push(arrive, _Arrive(r.device, client, len(payload), r.train_s + upload_s), order=r.order)
+
+    def _encode_round(
+        self, dev: _DeviceState, r: _Round, tensors: dict[str, np.ndarray], loss: float
     ) -> tuple[protocol.AdapterUpdate, bytes]:
         p = dev.device.profile
-        batches = list(self._batches(dev, p.local_steps))
-        trained = self.tb.trainer.train(base.tensors, batches, lr=p.lr, moments=dev.moments)
-        exact = compute_deltas(trained.tensors, dict(base.tensors), self.tb.manifest)
+        base, batches, now, train_s = r.base, r.batches, r.start, r.train_s
+        exact = compute_deltas(tensors, dict(base.tensors), self.tb.manifest)
         if dev.attack is not None:  # hostile, then compressed and signed like any update
             exact = attacks.corrupt(exact, dev.attack, dev.batch_rng)
         deltas = dev.uplink.compress(exact)
-        loss = float(np.mean(trained.losses))
         update = protocol.AdapterUpdate(
             device_id=dev.device.device_id,
-            update_id=f"{dev.device.device_id}-r{dev.rounds:05d}",
-            seq=dev.rounds + 1,
+            update_id=f"{dev.device.device_id}-r{r.index:05d}",
+            seq=r.index + 1,
             base_version=base.version,
             bundle=self.tb.bundle_digest,
             samples=len(batches) * p.batch,

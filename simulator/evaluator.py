@@ -16,7 +16,7 @@ import numpy as np
 
 from alignfed.text import Batch, Batcher
 from simulator.domains import Domain
-from simulator.training import SharedTrainer
+from simulator.training import RoundTrainer
 
 EVAL_CHUNK = 16  # rows per eval batch: bounds activation memory on real models
 
@@ -43,7 +43,7 @@ class Evaluation:
 class Evaluator:
     def __init__(
         self,
-        trainer: SharedTrainer,
+        trainer: RoundTrainer,
         domains: Sequence[Domain],
         mixes: Mapping[str, np.ndarray],
         *,

@@ -22,7 +22,9 @@ from simulator.domains import Domain, builtin_domains, load_domains
 from simulator.evaluator import Evaluator
 from simulator.fleet import FleetConfig, SimDevice, build_fleet
 from simulator.partition import PartitionConfig, label_mix, partition
-from simulator.training import SharedTrainer
+from simulator.training import RoundTrainer, SharedTrainer
+
+TRAINERS = ("ort", "batched")  # SharedTrainer (ONNX Runtime, one device at a time) | BatchedTrainer
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,7 @@ class TestbedConfig:
     calibration_data: Path | None = None  # None: the built-in corpora
     threads: int = 1  # ORT intra-op threads for training, evaluation and calibration
     seed: int = 0
+    trainer: str = "ort"  # one of TRAINERS
 
     __test__ = False  # not a pytest test class, despite the name
 
@@ -46,6 +49,8 @@ class TestbedConfig:
             raise ConfigError(f"testbed: threads must be ≥ 1, got {self.threads}")
         if self.eval_seq_len < 2:
             raise ConfigError(f"testbed: eval_seq_len must be ≥ 2, got {self.eval_seq_len}")
+        if self.trainer not in TRAINERS:
+            raise ConfigError(f"testbed: trainer must be one of {', '.join(TRAINERS)}, got {self.trainer!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +71,7 @@ class Testbed:
     devices: list[SimDevice]
     domains: list[Domain]
     data: dict[str, DeviceData]  # device id -> data
-    trainer: SharedTrainer
+    trainer: RoundTrainer
     evaluator: Evaluator
     _calibration: CalibrationRunner | None = field(default=None, repr=False)
 
@@ -103,7 +108,13 @@ class Testbed:
                 [texts[int(i)] for i in shard], tokenizer, batch=p.batch, seq_len=p.seq_len, eos_id=eos, seed=cfg.seed
             )
             data[dev.device_id] = DeviceData(batcher, label_mix(labels, shard, len(domains)), int(shard.size))
-        trainer = SharedTrainer(bundle, manifest, threads=cfg.threads)
+        trainer: RoundTrainer
+        if cfg.trainer == "batched":
+            from simulator.batched import BatchedTrainer
+
+            trainer = BatchedTrainer(bundle, manifest, threads=cfg.threads)
+        else:
+            trainer = SharedTrainer(bundle, manifest, threads=cfg.threads)
         evaluator = Evaluator(
             trainer,
             domains,

@@ -21,9 +21,10 @@ A round from fresh moments matches a fresh OrtTrainer to float32 rounding (teste
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -36,6 +37,30 @@ from edge.adamw import AdamW, Moments
 class TrainResult:
     tensors: dict[str, np.ndarray]  # the adapter after training, canonical keys
     losses: list[float]  # training loss of every step (before its update)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainJob:
+    """One device's round: start adapter, its batches, its learning rate, its moments (None: fresh)."""
+
+    start: Mapping[str, np.ndarray]
+    batches: Sequence[Batch]
+    lr: float
+    moments: Moments | None = None
+
+
+class RoundTrainer(Protocol):
+    """What the engine and the evaluator need of a trainer (ORT `SharedTrainer`, `BatchedTrainer`)."""
+
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    steps: int
+
+    def fresh_moments(self) -> Moments: ...
+
+    def train_many(self, jobs: Sequence[TrainJob]) -> list[TrainResult]: ...
+
+    def eval_losses(self, tensors: Mapping[str, np.ndarray], batches: Iterable[Batch]) -> list[float]: ...
 
 
 class SharedTrainer:
@@ -73,6 +98,10 @@ class SharedTrainer:
             module.lazy_reset_grad()
             self.steps += 1
         return TrainResult(tensors={n: np.array(params[n], copy=True) for n in self.names}, losses=losses)
+
+    def train_many(self, jobs: Sequence[TrainJob]) -> list[TrainResult]:
+        """Each job in turn (ORT trains one adapter at a time)."""
+        return [self.train(j.start, j.batches, lr=j.lr, moments=j.moments) for j in jobs]
 
     def eval_loss(self, tensors: Mapping[str, np.ndarray], batch: Batch) -> float:
         self._ort.load_adapter(tensors)
