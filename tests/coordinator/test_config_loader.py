@@ -31,8 +31,9 @@ def coordinator_toml(tmp_path: Path, **tables: object) -> Path:
         ({"name": "fedbuff", "k": True}, r"\[strategy\].k = True; expected an integer$"),
         (
             {"name": "fedbuff", "kk": 3},
-            r"coordinator.toml: unknown field \[strategy\].kk; expected one of error_feedback, k, method, server_lr, "
-            r"staleness$",
+            r"coordinator.toml: unknown field \[strategy\].kk; expected one of aggregator, clip_norm, clip_relative, "
+            r"error_feedback, k, method, norm_window, outlier_factor, server_lr, "
+            r"staleness, trim$",
         ),
         ({"name": "fedbuff", "k": 2, "method": "svd"}, r"\[strategy\].method = 'svd'; expected one of 'pca', 'qrcp'"),
         ({"name": "fedbuff", "k": 2, "server_lr": "1"}, r"\[strategy\].server_lr = '1'; expected a number$"),
@@ -131,7 +132,7 @@ def test_device_toml_fields_are_typed(tmp_path: Path, extra: dict, message: str)
     [
         ({"threads": "four"}, r"p.toml: threads = 'four'; expected an integer$"),
         ({"lr": True}, r"p.toml: lr = True; expected a number$"),
-        ({"threds": 4}, r"p.toml: unknown field threds; expected one of arch, availability, batch"),
+        ({"threds": 4}, r"p.toml: unknown field threds; expected one of accelerator, arch, availability, batch"),
         ({"threads": 0}, r"p.toml: threads = 0; expected 1 ≤ value ≤ 256"),
     ],
 )
