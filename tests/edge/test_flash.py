@@ -10,11 +10,15 @@ import pytest
 from alignfed.cli import main
 from alignfed.corpora import DOMAINS, write_domain
 from alignfed.errors import EXIT_CODES
+from alignfed.profiles import host_arch
+
+# a profile for this machine's architecture: flash refuses the other's (issue 15, defect 7)
+PROFILE = "x86-laptop" if host_arch() == "x86_64" else "rpi5-8gb"
 
 
 def flash(tmp_path: Path, bundle: Path, data: Path, broker: str = "mqtt://gw:1883") -> list[str]:
     return [
-        "flash", "--profile", "rpi5-8gb", "--device-id", "dev-1", "--broker", broker, "--bundle", str(bundle),
+        "flash", "--profile", PROFILE, "--device-id", "dev-1", "--broker", broker, "--bundle", str(bundle),
         "--data", str(data), "--target", str(tmp_path / "target"), "--key", "00" * 32,
     ]  # fmt: skip
 

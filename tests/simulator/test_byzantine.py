@@ -15,7 +15,7 @@ from alignfed import protocol
 from alignfed.errors import ConfigError
 from alignfed.lowrank import Factors
 from simulator import attacks
-from simulator.engine import Simulation, VersionHistory
+from simulator.engine import _Round, Simulation, VersionHistory
 from simulator.experiment import make_strategy, run_variant
 from simulator.fleet import FleetConfig
 from simulator.metrics import RunResult, late_mean
@@ -68,10 +68,13 @@ def test_a_byzantine_update_is_signed_with_the_devices_own_key(five: Testbed) ->
         sims.append(Simulation("fedbuff", make_strategy(variant, five, history), five, c, history=history))
     hostile, clean = sims
     (device,) = hostile.byzantine
+    rng = np.random.default_rng(0)
+    trained = {k: v + 0.01 * rng.standard_normal(v.shape).astype(np.float32) for k, v in five.initial.tensors.items()}
     got = []
     for sim in (hostile, clean):
         dev = sim.devices[device]
-        _, payload = sim._train_round(dev, five.initial, 0.0, 1.0)
+        started = _Round(device, five.initial, 0.0, 1.0, [], 0, 0)
+        _, payload = sim._encode_round(dev, started, trained, 0.0)
         decoded = protocol.decode_update(payload, 1 << 24)
         assert decoded.verify(dev.key)  # the coordinator's signature check passes
         got.append(decoded.update.deltas)
