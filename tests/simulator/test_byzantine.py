@@ -15,7 +15,7 @@ from alignfed import protocol
 from alignfed.errors import ConfigError
 from alignfed.lowrank import Factors
 from simulator import attacks
-from simulator.engine import _Round, Simulation, VersionHistory
+from simulator.engine import Simulation, VersionHistory, _Round
 from simulator.experiment import make_strategy, run_variant
 from simulator.fleet import FleetConfig
 from simulator.metrics import RunResult, late_mean
