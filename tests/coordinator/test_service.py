@@ -119,7 +119,9 @@ def test_garbage_is_rejected_with_a_reason(tmp_path: Path, tiny_bundle: Path) ->
 
 def test_a_bad_strategy_option_names_the_config_section(tmp_path: Path, tiny_bundle: Path) -> None:
     with pytest.raises(
-        ConfigError, match=r"c.toml: unknown field \[strategy\].bogus; expected one of aggregator, clip_norm, clip_relative, error_feedback, k,"
+        ConfigError,
+        match=r"c.toml: unknown field \[strategy\].bogus; expected one of aggregator, clip_norm, clip_relative, "
+        r"error_feedback, k,",
     ):
         coordinator(tmp_path, tiny_bundle, bogus=1)
 
