@@ -120,14 +120,20 @@ def _coordinator(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from coordinator.live import watch
     from coordinator.service import Coordinator
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    coordinator = Coordinator(cfg)
+    watching = watch(coordinator)  # the [dashboard] page and /metrics; None when off
     try:
-        Coordinator(cfg).run(stop)
+        coordinator.run(stop)
     except KeyboardInterrupt:
         stop.set()
+    finally:
+        if watching is not None:
+            watching.stop()
     return 0
 
 

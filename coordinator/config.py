@@ -11,6 +11,7 @@ from alignfed.errors import ConfigError
 from alignfed.topics import check_id
 from alignfed.transport import BrokerConfig
 from coordinator.ingest import IngestLimits
+from dashboard import config as dashboard_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,8 @@ class CoordinatorConfig:
     client_id: str = "alignfed-coordinator"
     calibration_data: Path | None = None  # JSONL/text for the alignment mini-batch (alignfed strategy)
     calibration_tokens: int = 256
+    # [dashboard]: the live page and /metrics (dashboard/config.py); on by default, loopback only
+    dashboard: dashboard_config.DashboardConfig = field(default_factory=dashboard_config.DashboardConfig)
 
 
 def load(path: Path) -> CoordinatorConfig:
@@ -76,4 +79,5 @@ def load(path: Path) -> CoordinatorConfig:
         client_id=str(raw.get("client_id", "alignfed-coordinator")),
         calibration_data=rel(calib["data"]) if "data" in calib else None,
         calibration_tokens=int(calib.get("tokens", 256)),
+        dashboard=dashboard_config.parse(dict(raw.get("dashboard", {})), f"{path}: [dashboard]"),
     )
