@@ -138,7 +138,13 @@ class DashboardServer:
         port = sock.getsockname()[1]
         app = build_app(self.board, self.metrics, self.cfg, self._stopping)
         config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2, log_level="warning"
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            ws="none",  # no websocket routes: the live feed is server-sent events
+            timeout_graceful_shutdown=2,
+            log_level="warning",
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
