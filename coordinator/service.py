@@ -261,6 +261,10 @@ class Coordinator:
             )
         )  # fmt: skip
 
+    def _emit_queue(self) -> None:
+        if self.observer is not None and self.transport is not None:
+            self._emit(feed.QueueDepth(self.clock(), self.transport.messages.qsize(), len(self.strategy.pending())))
+
     def _fleet_metrics(self) -> dict[str, Any]:
         stats = self.store.stats()
         accepted = {d: s["pending"] + s["aggregated"] for d, s in stats.items()}
@@ -322,7 +326,7 @@ class Coordinator:
         self.transport.ack(msg)
         self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))
         self._aggregate_and_publish()
-        self._emit(feed.QueueDepth(self.clock(), self.transport.messages.qsize(), len(self.strategy.pending())))
+        self._emit_queue()
 
     def _aggregate_and_publish(self) -> None:
         try:
@@ -332,6 +336,7 @@ class Coordinator:
             return
         if published is not None:
             self.publish_global()
+            self._emit_queue()  # a time-triggered aggregation empties the buffer between messages
 
     def publish_global(self) -> None:
         assert self.transport is not None

@@ -47,6 +47,11 @@
     if (charts[id]) charts[id].plot.destroy();
     const all = [{ label: opts.x || "time (s)" }].concat(series);
     const config = { width: width, height: 220, series: all, scales: { x: { time: false } }, legend: { live: false } };
+    if (opts.integerX) {
+      config.scales.x.range = (u, min, max) => [min - 0.5, max + 0.5];
+      config.axes = [{ incrs: [1, 2, 5, 10, 20, 50, 100] }, {}];
+    }
+    if (opts.yValues) config.axes = [config.axes ? config.axes[0] : {}, { size: 70, values: (u, vs) => vs.map(opts.yValues) }];
     if (opts.bars) {
       config.series[1].paths = uPlot.paths.bars({ size: [0.6, 60] });
       config.series[1].points = { show: false };
@@ -100,12 +105,12 @@
 
     const hist = Object.entries(s.staleness_histogram).map(([k, v]) => [Number(k), v]).sort((a, b) => a[0] - b[0]);
     plot("chart-staleness", [{ label: "updates", stroke: COLORS[0], fill: "rgba(37,99,235,.35)" }],
-      [hist.map((h) => h[0]), hist.map((h) => h[1])], { bars: true, x: "staleness τ" });
+      [hist.map((h) => h[0]), hist.map((h) => h[1])], { bars: true, integerX: true, x: "staleness τ" });
     plot("chart-residual", [line("mean ρ", 0), line("max ρ", 1)],
-      [s.residuals.map((r) => r[0]), s.residuals.map((r) => r[1]), s.residuals.map((r) => r[2])], { x: "version" });
-    plot("chart-jain", [line("Jain", 2)], [s.jain.map((j) => j[0]), s.jain.map((j) => j[1])], { x: "version" });
+      [s.residuals.map((r) => r[0]), s.residuals.map((r) => r[1]), s.residuals.map((r) => r[2])], { x: "version", integerX: true });
+    plot("chart-jain", [line("Jain", 2)], [s.jain.map((j) => j[0]), s.jain.map((j) => j[1])], { x: "version", integerX: true });
     plot("chart-bytes", [line("up", 0), line("down", 1)],
-      [s.bytes.map((b) => b[0] - origin), s.bytes.map((b) => b[1]), s.bytes.map((b) => b[2])], {});
+      [s.bytes.map((b) => b[0] - origin), s.bytes.map((b) => b[1]), s.bytes.map((b) => b[2])], { yValues: bytes });
   }
 
   function poll() {
