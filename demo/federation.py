@@ -324,11 +324,11 @@ def _run_until(
 def _progress(snap: dict[str, Any], elapsed: float) -> str:
     t = snap["totals"]
     held = snap["held_out_loss"]
-    per = " ".join(f"{d['id']} {d['accepted']}" for d in snap["devices"])
+    per = " · " + " ".join(f"{d['id']} {d['accepted']}" for d in snap["devices"]) if snap["devices"] else ""
     loss = f" · held-out loss {held[-1][1]:.3f}" if held else ""
     return (
         f"[{int(elapsed) // 60:2d}:{int(elapsed) % 60:02d}] v{snap['version']} · {t['accepted']} updates accepted, "
-        f"{t['rejected']} rejected{loss} · {per}"
+        f"{t['rejected']} rejected{loss}{per}"
     )
 
 
@@ -426,7 +426,9 @@ def _answers(s: Setup, final: protocol.GlobalAdapter, label: str) -> list[tuple[
             gen.set_adapter(path)
             tuned = gen.generate(prompt, max_tokens=ANSWER_TOKENS).strip()
             out.append((task.name, base, tuned))
-            _say(f"    [{task.name}] {task.prompt}")
+            _say(
+                f"    [{task.name}] {task.prompt}" + ("" if s.real else "  (a tiny random base: the path, not quality)")
+            )
             _say("      base alone:")
             _say(_block(base))
             _say(
