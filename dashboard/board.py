@@ -41,10 +41,19 @@ def _finite(x: float | None) -> float | None:
 
 class Board:
     def __init__(self, federation: str, strategy: str = "") -> None:
-        self.federation = federation
-        self.strategy = strategy
         self._lock = threading.Lock()
         self._seq = 0
+        self.reset(federation, strategy)
+
+    def reset(self, federation: str, strategy: str = "") -> None:
+        """Start a fresh picture (a new simulated variant); `seq` keeps growing so pages refresh."""
+        with self._lock:
+            self._clear(federation, strategy)
+            self._seq += 1
+
+    def _clear(self, federation: str, strategy: str) -> None:
+        self.federation = federation
+        self.strategy = strategy
         self._origin: float | None = None
         self._devices: dict[str, _Device] = {}
         self._version = 0
