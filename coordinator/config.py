@@ -17,13 +17,14 @@ from alignfed.topics import check_id
 from alignfed.transport import BrokerConfig
 from coordinator import strategies
 from coordinator.ingest import IngestLimits
+from dashboard import config as dashboard_config
 
 _TOP = {
     "federation": Field("federation", str),
     "bundle": Field("bundle", str),
     "database": Field("database", str, "coordinator.sqlite"),
     "client_id": Field("client_id", str, "alignfed-coordinator"),
-    **{name: Field(name, Any, {}) for name in ("broker", "strategy", "ingest", "calibration")},
+    **{name: Field(name, Any, {}) for name in ("broker", "strategy", "ingest", "calibration", "dashboard")},
 }
 _BROKER = tomlfile.fields_of(BrokerConfig)
 _CALIBRATION = {"data": Field("data", str, ""), "tokens": Field("tokens", int, 256)}
@@ -42,6 +43,8 @@ class CoordinatorConfig:
     calibration_data: Path | None = None  # JSONL/text for the alignment mini-batch (alignfed strategy)
     calibration_tokens: int = 256
     source: str = "coordinator config"  # the file it was read from, for error messages
+    # [dashboard]: the live page and /metrics (dashboard/config.py); on by default, loopback only
+    dashboard: dashboard_config.DashboardConfig = field(default_factory=dashboard_config.DashboardConfig)
 
 
 def strategy_options(raw: dict[str, Any], source: str | Path, *, complete: bool = False) -> tuple[str, dict[str, Any]]:
@@ -87,4 +90,5 @@ def load(path: Path) -> CoordinatorConfig:
         calibration_data=rel(calib["data"]) if calib.get("data") else None,
         calibration_tokens=calib.get("tokens", 256),
         source=str(path),
+        dashboard=dashboard_config.parse(subtable(raw, "dashboard", source=path), path),
     )

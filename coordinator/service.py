@@ -27,6 +27,7 @@ from coordinator.fairness import jain_index
 from coordinator.ingest import payload_limit, validate
 from coordinator.store import Store
 from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate, Strategy
+from dashboard import feed
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,12 @@ class Coordinator:
         *,
         strategy: Strategy | Callable[[], Strategy] | None = None,
         clock: Callable[[], float] = time.time,
+        observer: feed.Observer | None = None,
     ) -> None:
         """`strategy`: the strategy, or a function that builds a fresh one (default: from the config).
         A fresh one is needed to isolate and quarantine an update whose aggregation keeps failing."""
         self.cfg = cfg
+        self.observer = observer  # told after every ingest, reject and aggregation (the dashboard)
         self.topics = Topics(cfg.federation)
         self.manifest = mf.load(cfg.bundle)
         self._payload_limit = payload_limit(cfg.limits, self.manifest)
@@ -180,6 +183,7 @@ class Coordinator:
             )
         except RejectedUpdate as exc:
             log.warning("rejected update from %s: %s", device_id, exc.reason)
+            self._emit(feed.UpdateReceived(now, device_id, False, exc.reason, len(payload)))
             return protocol.Ack(
                 device_id,
                 _update_id_of(payload, self._payload_limit),
@@ -195,6 +199,7 @@ class Coordinator:
         except RejectedUpdate as exc:
             self.store.reject_pending(device_id, update.update_id, exc.reason)
             log.warning("strategy rejected update %s from %s: %s", update.update_id, device_id, exc.reason)
+            self._emit(feed.UpdateReceived(now, device_id, False, exc.reason, len(payload)))
             return protocol.Ack(device_id, update.update_id, False, exc.reason, self.current.version)
         self.staleness[self.current.version - update.base_version] += 1
         log.info(
@@ -205,6 +210,13 @@ class Coordinator:
             self.current.version - update.base_version,
             update.train_loss,
         )
+        measured = math.isfinite(update.eval_loss)
+        self._emit(
+            feed.UpdateReceived(
+                now, device_id, True, "accepted", len(payload), self.current.version - update.base_version,
+                update.train_loss, update.eval_loss if measured else None, update.base_version if measured else None,
+            )
+        )  # fmt: skip
         return protocol.Ack(device_id, update.update_id, True, "accepted", self.current.version)
 
     def maybe_aggregate(self) -> protocol.GlobalAdapter | None:
@@ -213,7 +225,9 @@ class Coordinator:
         if not self.strategy.ready(now):
             return None
         devices = {u.update_id: u.device_id for u in self.strategy.pending()}
+        started = time.perf_counter()
         result: Aggregation = self.strategy.aggregate(self.current, now)
+        took = time.perf_counter() - started
         metrics = {**result.metrics, **self._fleet_metrics()}
         adapter = protocol.GlobalAdapter(
             version=result.state.version,
@@ -233,7 +247,33 @@ class Coordinator:
         self._publishable = encoded
         self.last_metrics = metrics
         log.info("version %d from %d updates", adapter.version, len(result.used))
+        self._emit_version(adapter, tuple(devices[uid] for uid in result.used), took, now)
         return adapter
+
+    # -- observer (the dashboard) ----------------------------------------------------------------
+
+    def _emit(self, event: feed.Event) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(event)
+            except Exception:  # watching must never stop the service
+                log.exception("the observer failed on %s", type(event).__name__)
+
+    def _emit_version(
+        self, adapter: protocol.GlobalAdapter, devices: tuple[str, ...], took: float | None, at: float
+    ) -> None:
+        m = adapter.metrics
+        self._emit(
+            feed.VersionPublished(
+                at, adapter.version, adapter.parent_version, adapter.strategy, devices,
+                len(self._publishable), took, m.get("alignment_seconds"), m.get("alignment_residual", {}),
+                m.get("jain_index"),
+            )
+        )  # fmt: skip
+
+    def _emit_queue(self) -> None:
+        if self.observer is not None and self.transport is not None:
+            self._emit(feed.QueueDepth(self.clock(), self.transport.messages.qsize(), len(self.strategy.pending())))
 
     def _fleet_metrics(self) -> dict[str, Any]:
         stats = self.store.stats()
@@ -298,6 +338,7 @@ class Coordinator:
         self.transport.ack(msg)
         self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))
         self._aggregate_and_publish()
+        self._emit_queue()
 
     def aggregate_step(self) -> protocol.GlobalAdapter | None:
         """Aggregate if ready and not backing off after a failure; publish when connected.
@@ -359,7 +400,8 @@ class Coordinator:
         return list(culprits)
 
     def _aggregate_and_publish(self) -> None:
-        self.aggregate_step()
+        if self.aggregate_step() is not None:
+            self._emit_queue()  # a time-triggered aggregation empties the buffer between messages
 
     def publish_global(self) -> None:
         assert self.transport is not None
@@ -376,6 +418,8 @@ class Coordinator:
         self.transport.subscribe(self.topics.all_updates)
         self.transport.start(wait=connect_timeout)
         self.publish_global()
+        if self.observer is not None:
+            self._emit_version(protocol.decode_global(self._publishable, 1 << 34), (), None, self.clock())
         log.info("coordinator serving federation %r at version %d", self.cfg.federation, self.current.version)
         try:
             while not stop.is_set():

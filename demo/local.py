@@ -41,6 +41,8 @@ def lay_out(
     federation: str = "demo",
     strategy: dict[str, Any] | None = None,
     ingest: dict[str, Any] | None = None,
+    dashboard: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> LocalFederation:
     root.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
@@ -52,6 +54,10 @@ def lay_out(
     }
     if ingest:
         doc["ingest"] = ingest
+    if dashboard is not None:  # [dashboard]: the coordinator's page and /metrics
+        doc["dashboard"] = dashboard
+    if calibration is not None:
+        doc["calibration"] = calibration
     coord_path = tomlfile.write(root / "coordinator" / "coordinator.toml", doc)
     cfg = ccfg.load(coord_path)
     paths: dict[str, Path] = {}

@@ -24,6 +24,14 @@ if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ >/dev/null
 fi
 
+# The dashboard's browser test drives Debian's chromium through its chromedriver (no browser download).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    echo "== installing chromium and chromium-driver (apt-get)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
 stamp="$VENV/.alignfed-installed"
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
     exit 0
@@ -32,7 +40,7 @@ echo "== creating $VENV and installing alignfed with all extras (llama-cpp-pytho
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # A portable llama.cpp build: the cached wheel must run on every machine of this kind.
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VENV/bin/python" -m pip install -q -e ".[edge,coordinator,export,sim,dev]"
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VENV/bin/python" -m pip install -q -e ".[edge,coordinator,export,sim,dashboard,dev]"
 # Guard against a plain `onnxruntime` sneaking in beside the training package (it breaks training).
 if "$VENV/bin/python" -m pip show onnxruntime >/dev/null 2>&1; then
     echo "error: plain onnxruntime is installed beside onnxruntime-training-cpu; remove it" >&2

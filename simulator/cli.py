@@ -18,8 +18,12 @@ from simulator.timing import DEFAULT_STEP_S
 from simulator.variants import VARIANT_NAMES, select_variants
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dashboard.live import LiveDashboard
     from simulator.accuracy import AccuracyHook
     from simulator.experiment import ExperimentConfig
+    from simulator.live import VariantFeed
     from simulator.testbed import TestbedConfig
 
 PARTITIONS = ("domain", "dirichlet", "iid")  # simulator.partition.KINDS (checked by a test)
@@ -172,6 +176,13 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--out", default="simulation-report", help="report folder (default ./simulation-report)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument(
+        "--dashboard",
+        nargs="?",
+        const="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="serve the live dashboard and /metrics while it runs (default address 127.0.0.1:8080)",
+    )
     p.set_defaults(fn=simulate_main)
     return p
 
@@ -272,13 +283,17 @@ def simulate_main(args: argparse.Namespace, accuracy: AccuracyHook | None = None
     names = ", ".join(v.name for v in experiment.variants)
     print(f"running {len(experiment.variants)} variant(s) for {args.horizon:g} virtual s each: {names}", flush=True)
     out = Path(args.out)
+    live = _dashboard(args.dashboard, experiment) if getattr(args, "dashboard", None) else None
     result = run_experiment(
         testbed,
         experiment,
         accuracy=accuracy,
         progress=None if args.no_progress else _Bar,
         on_variant=lambda partial: write_report(partial, testbed, experiment.simulation, out),
+        events=live[1] if live is not None else None,
     )
+    if live is not None:
+        live[0].stop()
     files = write_report(result, testbed, experiment.simulation, out)
     width = max(len(s.variant) for s in result.summaries)
     print(f"{'variant':{width}}  final loss  late mean  worst device  time-to-target  Jain", flush=True)
@@ -292,3 +307,15 @@ def simulate_main(args: argparse.Namespace, accuracy: AccuracyHook | None = None
         print(files.plots_skipped)
     print(f"report: {files.markdown}", flush=True)
     return 0
+
+
+def _dashboard(address: str, experiment: ExperimentConfig) -> tuple[LiveDashboard, Callable[[str], VariantFeed]]:
+    """The live dashboard for this run and its per-variant feed factory (simulator/live.py)."""
+    from dashboard.config import parse_address
+    from dashboard.live import LiveDashboard
+    from simulator.live import feeds
+
+    live = LiveDashboard(parse_address(address), federation="simulation")
+    url = live.start()
+    print(f"dashboard: {url} (Prometheus metrics: {url}metrics)", flush=True)
+    return live, feeds(live, {v.name: v.strategy for v in experiment.variants})

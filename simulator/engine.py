@@ -216,8 +216,10 @@ class Simulation:
         history: VersionHistory | None = None,
         accuracy: AccuracyHook | None = None,
         progress: Callable[[float], None] | None = None,
+        on_event: Callable[[Event, RunResult], None] | None = None,
     ) -> None:
-        """`synchronous` defaults to True for fedavg; `history` is the version store the strategy's
+        """`on_event` sees every logged event with the result so far (the live dashboard's feed).
+        `synchronous` defaults to True for fedavg; `history` is the version store the strategy's
         `state_of` reads (give the same object to both); `accuracy` maps adapter tensors to [0, 1]."""
         self.variant = variant
         self.strategy = strategy
@@ -231,6 +233,7 @@ class Simulation:
             self.history.add(testbed.initial)
         self.accuracy = accuracy
         self.progress = progress
+        self.on_event = on_event
         self.queue: EventQueue[_Item] = EventQueue()
         self.current = testbed.initial
         self.result = RunResult(variant=variant, strategy=strategy.name, devices=[d.device_id for d in testbed.devices])
@@ -544,3 +547,5 @@ class Simulation:
 
     def _log(self, event: Event) -> None:
         self.result.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event, self.result)

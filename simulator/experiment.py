@@ -18,6 +18,7 @@ from coordinator.strategies import build
 from coordinator.strategies.base import Strategy
 from simulator.accuracy import AccuracyHook
 from simulator.engine import Simulation, SimulationConfig, VersionHistory
+from simulator.events import Event
 from simulator.metrics import RunResult, Summary, summarize
 from simulator.testbed import Testbed
 from simulator.variants import Variant
@@ -73,6 +74,7 @@ def run_variant(
     *,
     accuracy: AccuracyHook | None = None,
     progress: Progress | None = None,
+    on_event: Callable[[Event, RunResult], None] | None = None,
 ) -> RunResult:
     history = VersionHistory(testbed.initial)
     strategy = make_strategy(variant, testbed, history)
@@ -85,6 +87,7 @@ def run_variant(
         history=history,
         accuracy=accuracy,
         progress=progress,
+        on_event=on_event,
     )
     try:
         return sim.run()
@@ -100,6 +103,7 @@ def run_experiment(
     accuracy: AccuracyHook | None = None,
     progress: ProgressFactory | None = None,
     on_variant: Callable[[ExperimentResult], object] | None = None,
+    events: Callable[[str], Callable[[Event, RunResult], None]] | None = None,
 ) -> ExperimentResult:
     """Run every variant; `on_variant` gets the result so far after each one (to save it as it
     grows: a long experiment interrupted halfway keeps the variants it finished)."""
@@ -113,7 +117,8 @@ def run_experiment(
 
     for v in order:
         bar = progress(v.name, config.simulation.horizon_s) if progress is not None else None
-        runs[v.name] = run_variant(v, testbed, config.simulation, accuracy=accuracy, progress=bar)
+        sink = events(v.name) if events is not None else None  # e.g. the dashboard, one variant at a time
+        runs[v.name] = run_variant(v, testbed, config.simulation, accuracy=accuracy, progress=bar, on_event=sink)
         if target is None and v.name == config.reference and runs[v.name].curve:
             target = runs[v.name].curve[-1].mean
         if on_variant is not None and len(runs) < len(order):

@@ -8,7 +8,7 @@ import sys
 
 import grimp
 
-PACKAGES = ("alignfed", "coordinator", "demo", "edge", "export", "runtime", "simulator")
+PACKAGES = ("alignfed", "coordinator", "dashboard", "demo", "edge", "export", "runtime", "simulator")
 
 
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:

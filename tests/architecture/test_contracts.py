@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("alignfed", "coordinator", "demo", "edge", "export", "runtime", "simulator")
+PACKAGES = ("alignfed", "coordinator", "dashboard", "demo", "edge", "export", "runtime", "simulator")
 LINT = Path(sys.executable).with_name("lint-imports")
 
 # (module file, import injected, contract that must break) - the breaks a read of the tree once found
@@ -36,6 +36,8 @@ BREAKS = [
     ("runtime/llama.py", "from edge.config import DeviceConfig", "the core and the runtimes import no program"),
     ("edge/daemon.py", "from demo.local import DeviceSpec",
      "production code imports neither the simulator nor the demo"),
+    ("dashboard/board.py", "from coordinator.fairness import jain_index",
+     "the dashboard imports only the core"),
 ]
 
 
