@@ -49,6 +49,7 @@ from export.onnx_graph import (
     lora_shapes,
     quantize_int8_rows,
 )
+from export.source import ModelSource
 
 TRACE_SHAPE = (2, 8)  # (B, T) of the example batch; both axes stay dynamic in the graph
 
@@ -75,6 +76,15 @@ def config_from_architecture(arch: Architecture) -> dict[str, Any]:
     if arch.family == "qwen2":
         cfg["use_sliding_window"] = False
     return cfg
+
+
+def source_config(source: ModelSource) -> dict[str, Any]:
+    """The transformers config of a source: its config.json, or rebuilt from a GGUF's architecture."""
+    if source.kind == "hf":
+        from export.hf_source import read_config
+
+        return read_config(source.path)
+    return config_from_architecture(source.architecture)
 
 
 def torch_model(config: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> nn.Module:
