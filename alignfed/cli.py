@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "export",
         help="turn a base model (Hugging Face folder or GGUF file) into a bundle, or check a bundle",
-        description="Export a base model (Llama, Qwen2, Qwen3, Gemma 3 text, Phi-3; see --list) to a bundle (ORT training artifacts, calibration model, "
+        description="Export a base model (Llama, Qwen2, Qwen3, Gemma 3 text, Phi-3; see --list) to a bundle "
+        "(ORT training artifacts, calibration model, "
         "GGUF inference base, tokenizer, manifest). `--check BUNDLE` alone verifies an existing bundle.",
     )
     e.add_argument(

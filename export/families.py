@@ -39,8 +39,15 @@ FAMILIES: dict[str, Family] = {
             "hand-written",
             False,
             "SmolLM2, TinyLlama",
-            ("ORT loss = transformers", "calibration", "int8 base", "llama.cpp logits", "PyTorch trainer",
-             "federation", "traced graph"),
+            (
+                "ORT loss = transformers",
+                "calibration",
+                "int8 base",
+                "llama.cpp logits",
+                "PyTorch trainer",
+                "federation",
+                "traced graph",
+            ),
         ),
         Family(
             "qwen2",

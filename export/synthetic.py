@@ -48,12 +48,18 @@ class TinyConfig:
     seed: int = 0
     family: str = "llama"  # a key of FAMILIES
     head_dim: int = 0  # 0: hidden // n_heads
-    sliding_window: int = 0  # Gemma 3: window of its sliding layers (every layer but the last)
+    sliding_window: int = 0  # Gemma 3: window of its sliding layers
+    # Gemma 3: logit soft-capping on, and the last layer global (not every 6th, llama.cpp's rule)
+    gemma_variant: bool = False
 
 
 QWEN2_CONFIG = TinyConfig(family="qwen2", rope_theta=1e6, rms_eps=1e-6, tie_embeddings=True, seed=4)
 QWEN3_CONFIG = TinyConfig(family="qwen3", rope_theta=1e6, rms_eps=1e-6, tie_embeddings=True, head_dim=32, seed=6)
-GEMMA3_CONFIG = TinyConfig(family="gemma3_text", rms_eps=1e-6, tie_embeddings=True, sliding_window=4, seed=7)
+GEMMA3_CONFIG = TinyConfig(
+    family="gemma3_text", rms_eps=1e-6, tie_embeddings=True, sliding_window=4, gemma_variant=True, seed=7
+)
+# What llama.cpp's gemma3 graph runs: no soft-capping, every 6th layer global (both layers sliding here)
+GEMMA3_LLAMA_CPP_CONFIG = TinyConfig(family="gemma3_text", rms_eps=1e-6, tie_embeddings=True, sliding_window=4, seed=9)
 PHI3_CONFIG = TinyConfig(family="phi3", seed=8)
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "llama"),
@@ -71,7 +77,11 @@ TINY_CONFIGS = {
 }
 
 
-def build_tokenizer(vocab: int, family: str = "llama") -> object:
+# Phi-3's chat tokens: llama.cpp's phi3 vocabulary loader looks them up by text.
+PHI3_SPECIAL_TOKENS = ("<|end|>", "<|assistant|>", "<|user|>", "<|system|>")
+
+
+def build_tokenizer(vocab: int, family: str = "llama", extra_special: tuple[str, ...] = ()) -> object:
     """Train a byte-level BPE with exactly `vocab` entries (GPT-2 style as SmolLM2 uses, or
     Qwen2's split regex followed by bytes)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -92,7 +102,7 @@ def build_tokenizer(vocab: int, family: str = "llama") -> object:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -116,7 +126,8 @@ def write_tiny_model(out: Path, cfg: TinyConfig) -> Path:
         raise ValueError(f"family expected one of {sorted(FAMILIES)}, got {cfg.family!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(cfg.vocab, "qwen2" if cfg.family.startswith("qwen") else "llama")
+    extra = PHI3_SPECIAL_TOKENS if cfg.family == "phi3" else ()
+    tok = build_tokenizer(cfg.vocab, "qwen2" if cfg.family.startswith("qwen") else "llama", extra)
     vocab = tok.get_vocab_size()  # type: ignore[attr-defined]
     tok.save(str(out / "tokenizer.json"))  # type: ignore[attr-defined]
 
@@ -205,10 +216,12 @@ def write_tiny_model(out: Path, cfg: TinyConfig) -> Path:
             "hidden_activation": "gelu_pytorch_tanh",
             "query_pre_attn_scalar": head_dim,
             "sliding_window": window,
-            "layer_types": ["sliding_attention"] * (cfg.n_layers - 1) + ["full_attention"],
+            "layer_types": ["sliding_attention"] * (cfg.n_layers - 1) + ["full_attention"]
+            if cfg.gemma_variant
+            else ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.n_layers)],
             "rope_local_base_freq": 10000.0,
-            "final_logit_softcapping": 30.0,
-            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0 if cfg.gemma_variant else None,
+            "attn_logit_softcapping": 50.0 if cfg.gemma_variant else None,
         }
     if cfg.family == "phi3":
         del config["attention_bias"], config["mlp_bias"]

@@ -200,8 +200,8 @@ def add_lora(
             rows = sum(outs[m] for m in spec.parts) if spec is not None else outs[blocks[0][0]]
             if not isinstance(base, nn.Linear) or base.out_features != rows:
                 raise ExportError(
-                    f"layer {i}: {path} is {type(base).__name__} {tuple(getattr(base, 'weight', torch.empty(0)).shape)}, "
-                    f"expected an nn.Linear with {rows} output rows"
+                    f"layer {i}: {path} is {type(base).__name__} with {getattr(base, 'out_features', '?')} "
+                    f"output rows, expected an nn.Linear with {rows}"
                 )
             proj = LoraProjection(base, i, blocks, layout.rank, layout.scale, captured)
             setattr(parent, attr, proj)
@@ -290,7 +290,9 @@ def _transposed_projections(graph: onnx.GraphProto, quantization: Quantization) 
             graph.initializer.append(numpy_helper.from_array(scale, name + BASE_SCALE))
             source = name + ".T.dequantized"
             new_nodes.append(
-                helper.make_node("DequantizeLinear", [name + BASE_INT8, name + BASE_SCALE], [source], name=source, axis=1)
+                helper.make_node(
+                    "DequantizeLinear", [name + BASE_INT8, name + BASE_SCALE], [source], name=source, axis=1
+                )
             )
         else:
             source = name + BASE_T

@@ -71,8 +71,10 @@ def test_ort_training_loss_and_calibration_match_transformers(family_bundle: tup
         session.module.lazy_reset_grad()
         names = ["loss", *(act_name(lid) for lid in manifest.layer_ids)]
         outs = calib.run(names, {INPUT_IDS: ids, LABELS: labels, **adapter})
-        print(f"[{arch.family} T={t}] transformers {want:.6f} |train-tf| {abs(got_train - want):.2e} "
-              f"|calib-tf| {abs(float(outs[0]) - want):.2e}")
+        print(
+            f"[{arch.family} T={t}] transformers {want:.6f} |train-tf| {abs(got_train - want):.2e} "
+            f"|calib-tf| {abs(float(outs[0]) - want):.2e}"
+        )
         assert abs(got_train - want) < TOL
         assert abs(float(outs[0]) - want) < TOL
 
@@ -102,8 +104,14 @@ def test_graph_conventions_and_steps_learn(family_bundle: tuple[Path, Path]) -> 
 
     ids, labels = _batch(manifest.architecture.vocab, 5)
     rng = np.random.default_rng(5)
-    set_params(session.state, {n: (0.05 * rng.standard_normal(s)).astype(np.float32)
-                               for n, s in manifest.lora_shapes().items() if n.endswith(".B")})
+    set_params(
+        session.state,
+        {
+            n: (0.05 * rng.standard_normal(s)).astype(np.float32)
+            for n, s in manifest.lora_shapes().items()
+            if n.endswith(".B")
+        },
+    )
     before = get_params(session.state, list(manifest.lora_shapes()))
     session.module.train()
     losses = []

@@ -36,14 +36,18 @@ def merged_model(
     return model
 
 
-def projection_inputs(model: torch.nn.Module, arch: Architecture, layout: LoraLayout, ids: np.ndarray) -> dict[str, np.ndarray]:
+def projection_inputs(
+    model: torch.nn.Module, arch: Architecture, layout: LoraLayout, ids: np.ndarray
+) -> dict[str, np.ndarray]:
     """Forward-hook captures: the input (B, T, in) of every adapted projection, by layer id."""
     captured: dict[str, np.ndarray] = {}
     handles = []
     for lid in lora.layer_ids(arch.n_layers, layout.targets):
         layer, module = lora.split_layer_id(lid)
         proj = model.get_submodule(f"model.layers.{layer}.{lora.hf_projection(arch.family, module)}")
-        handles.append(proj.register_forward_pre_hook(lambda _m, inp, lid=lid: captured.__setitem__(lid, inp[0].numpy().copy())))
+        handles.append(
+            proj.register_forward_pre_hook(lambda _m, inp, lid=lid: captured.__setitem__(lid, inp[0].numpy().copy()))
+        )
     try:
         with torch.no_grad():
             model(input_ids=torch.from_numpy(ids))
