@@ -32,7 +32,8 @@ BATCH = (4, 64)
 
 
 def _vmhwm_mb() -> float:
-    line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmHWM"))
     return int(line.split()[1]) / 1024.0
 
 
@@ -53,7 +54,8 @@ def child_train(bundle: str, steps: int) -> dict[str, Any]:
     m = mf.load(Path(bundle))
     session = open_session(Path(bundle) / mf.TRAIN_DIR, learning_rate=1e-4)
     rng = np.random.default_rng(1)
-    set_params(session.state, {k: (0.02 * rng.standard_normal(s)).astype(np.float32) for k, s in m.lora_shapes().items()})
+    adapter = {k: (0.02 * rng.standard_normal(s)).astype(np.float32) for k, s in m.lora_shapes().items()}
+    set_params(session.state, adapter)
     ids = np.random.default_rng(0).integers(0, m.architecture.vocab, size=BATCH).astype(np.int64)
     session.module.eval()
     loss0 = float(session.module(ids, ids))
