@@ -57,7 +57,8 @@ def test_llama_cpp_logits_equal_transformers_with_the_adapter(family: str, tmp_p
     err = float(np.abs(got_merged - merged).max() / np.abs(merged).max())
     effect = float(np.abs(merged - plain).max())
     print(
-        f"[{family}] llama.cpp vs transformers: base {err_plain:.2e}, with adapter {err:.2e} (adapter moves {effect:.2f})"
+        f"[{family}] llama.cpp vs transformers: base {err_plain:.2e}, "
+        f"with adapter {err:.2e} (adapter moves {effect:.2f})"
     )
     assert effect > 0.5  # the comparison can see a misplaced adapter
     assert err_plain < TOL[family] and err < TOL[family]
