@@ -37,7 +37,6 @@ MODULES: dict[str, ModuleSpec] = {
 }
 
 
-
 @dataclass(frozen=True, slots=True)
 class FusedSpec:
     """One weight that stacks several logical projections along its output rows."""

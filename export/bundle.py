@@ -58,7 +58,7 @@ def write_gguf_base(source: ModelSource, out_path: Path, gguf_quant: str) -> str
         shutil.copyfile(source.path, tmp)
         tmp.replace(out_path)
         return source.gguf_quantization or F32
-    from export.gguf_base import write_base_gguf
+    from export.gguf_generic import write_hf_gguf as write_base_gguf
 
     if gguf_quant == F32:
         write_base_gguf(source.path, out_path)

@@ -241,10 +241,6 @@ def write_base_gguf(model_dir: Path, out_path: Path, *, progress: bool = False) 
 
     model_dir = Path(model_dir)
     out_path = Path(out_path)
-    from export.gguf_generic import GGUF_ARCH, write_generic_gguf
-
-    if hf_source.read_config(model_dir).get("model_type") in GGUF_ARCH:
-        return write_generic_gguf(model_dir, out_path)
     arch, cfg = _read_hparams(model_dir)
     spec = GGUF_FAMILIES[arch.family]
     vocab = read_vocab(model_dir, arch, cfg)

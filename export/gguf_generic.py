@@ -20,7 +20,7 @@ import numpy as np
 from alignfed.errors import ExportError
 from alignfed.manifest import Architecture
 from export import hf_source
-from export.gguf_base import read_vocab, read_weights
+from export.gguf_base import read_vocab, read_weights, write_base_gguf
 
 GGUF_ARCH = {"qwen3": "QWEN3", "gemma3_text": "GEMMA3", "phi3": "PHI3"}  # family -> gguf.MODEL_ARCH member
 GEMMA_SWA_PERIOD = 6  # llama.cpp's gemma3 loader: every 6th layer is global, the others sliding
@@ -48,6 +48,13 @@ def _check_llama_cpp_can_run(arch: Architecture, cfg: dict[str, Any], source: Pa
             refuse("rope scaling", cfg.get("rope_scaling") or cfg.get("rope_parameters"), "plain RoPE")
         if cfg.get("sliding_window") is not None:
             refuse("sliding_window", cfg["sliding_window"], "None")
+
+
+def write_hf_gguf(model_dir: Path, out_path: Path) -> Path:
+    """The F32 GGUF base of any HF folder: this module's writer for its families, else `export.gguf_base`'s."""
+    if hf_source.read_config(Path(model_dir)).get("model_type") in GGUF_ARCH:
+        return write_generic_gguf(model_dir, out_path)
+    return write_base_gguf(model_dir, out_path)
 
 
 def write_generic_gguf(model_dir: Path, out_path: Path) -> Path:

@@ -231,8 +231,6 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-
-
 def read_architecture(model_dir: Path) -> Architecture:
     model_dir = Path(model_dir)
     return architecture_from_config(read_config(model_dir), model_dir / CONFIG_NAME)

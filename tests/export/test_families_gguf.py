@@ -18,7 +18,7 @@ import torch
 from alignfed import lora
 from alignfed.gguf_adapter import gguf_tensors, write_lora_gguf
 from alignfed.manifest import LoraLayout
-from export.gguf_base import write_base_gguf
+from export.gguf_generic import write_generic_gguf as write_base_gguf
 from export.hf_source import read_architecture
 from export.onnx_graph import lora_shapes
 from export.synthetic import GEMMA3_CONFIG, GEMMA3_LLAMA_CPP_CONFIG, PHI3_CONFIG, QWEN3_CONFIG, write_tiny_model
