@@ -100,6 +100,7 @@ def _export(args: argparse.Namespace) -> int:
         seed=args.seed,
         gguf_quant=args.gguf_quant,
         graph=args.graph,
+        write_gguf=not args.no_gguf,
     )
     print(_export_summary(Path(args.out), time.monotonic() - start))
     if args.check is not None:
@@ -260,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="ONNX builder: hand-written (llama, qwen2) or traced from transformers (every family); "
         "auto picks per family (see --list)",
+    )
+    e.add_argument(
+        "--no-gguf", action="store_true", help="skip gguf/base.gguf (the bundle cannot serve with llama.cpp)"
     )
     e.add_argument("--list", action="store_true", help="print the supported model families and what is tested")
     e.add_argument(

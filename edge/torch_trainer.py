@@ -25,6 +25,7 @@ from alignfed.rope import rope_tables
 from alignfed.text import Batch
 from edge.adamw import AdamW, Moments
 
+TORCH_FAMILIES = ("llama", "qwen2")  # the families whose graph this module writes by hand
 QKV_BIAS = ("q", "k", "v")  # projections with a bias when Architecture.qkv_bias (Qwen2)
 
 
@@ -67,6 +68,11 @@ class TorchTrainer:
         self._torch = torch
         torch.set_num_threads(max(1, threads))
         self.arch = a = manifest.architecture
+        if a.family not in TORCH_FAMILIES:  # its forward pass is Llama's; others would train silently wrong
+            raise TrainingError(
+                f"the torch trainer backend runs {', '.join(TORCH_FAMILIES)}, not {a.family!r}; "
+                "train this bundle with the ort backend"
+            )
         self.scale = manifest.lora.scale
         self.lr = lr
         self.shapes = manifest.lora_shapes()

@@ -29,7 +29,7 @@ class Family:
     tested: tuple[str, ...]  # acceptance checks with a test in tests/export (see `--list`)
 
 
-_GENERIC_TESTS = ("ORT loss = transformers", "calibration = hooks", "int8 base")
+_TRACED = ("traced: ORT train/calib loss = transformers", "calibration = hooks", "ORT steps learn")
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
@@ -40,13 +40,13 @@ FAMILIES: dict[str, Family] = {
             False,
             "SmolLM2, TinyLlama",
             (
-                "ORT loss = transformers",
-                "calibration",
+                "hand-written: ORT loss = transformers",
+                "calibration = hooks",
                 "int8 base",
                 "llama.cpp logits",
-                "PyTorch trainer",
+                "PyTorch trainer = ORT",
                 "federation",
-                "traced graph",
+                *_TRACED,
             ),
         ),
         Family(
@@ -55,18 +55,32 @@ FAMILIES: dict[str, Family] = {
             "hand-written",
             False,
             "q/k/v biases",
-            ("ORT loss = transformers", "llama.cpp logits", "PyTorch trainer", "traced graph"),
+            ("hand-written: ORT loss = transformers", "llama.cpp logits", "PyTorch trainer = ORT", *_TRACED),
         ),
-        Family("qwen3", "Qwen3ForCausalLM", "traced", False, "q/k RMSNorm, decoupled head_dim", _GENERIC_TESTS),
+        Family(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            "traced",
+            False,
+            "q/k RMSNorm, decoupled head_dim",
+            (*_TRACED, "llama.cpp logits with LoRA", "federation to version 3"),
+        ),
         Family(
             "gemma3_text",
             "Gemma3ForCausalLM",
             "traced",
             True,
             "Gemma norms, GELU, logit soft-capping, sliding-window layers",
-            _GENERIC_TESTS,
+            (*_TRACED, "llama.cpp logits with LoRA (no soft-capping, every 6th layer global)"),
         ),
-        Family("phi3", "Phi3ForCausalLM", "traced", False, "fused qkv and gate_up projections", _GENERIC_TESTS),
+        Family(
+            "phi3",
+            "Phi3ForCausalLM",
+            "traced",
+            False,
+            "fused qkv and gate_up projections",
+            (*_TRACED, "int8 base", "fused GGUF LoRA = row blocks (llama.cpp run: not yet)"),
+        ),
     )
 }
 

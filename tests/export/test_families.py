@@ -151,6 +151,18 @@ def test_int8_base_is_dequantize_matmul(family: str, tmp_path: Path) -> None:
     assert abs(losses[1] - losses[0]) < 2e-2 * losses[0]
 
 
+def test_torch_trainer_refuses_a_family_it_cannot_run(family_bundle: tuple[Path, Path]) -> None:
+    from alignfed.errors import TrainingError
+    from edge.torch_trainer import TORCH_FAMILIES, TorchTrainer
+
+    _, bundle = family_bundle
+    manifest = mf.load(bundle)
+    if manifest.architecture.family in TORCH_FAMILIES:
+        pytest.skip("the torch trainer's own tests cover llama and qwen2")
+    with pytest.raises(TrainingError, match=rf"not '{manifest.architecture.family}'; train this bundle with the ort"):
+        TorchTrainer(bundle, manifest, lr=1e-3, threads=1)
+
+
 def test_auto_picks_traced_for_new_families_and_hand_written_for_llama(tmp_path: Path) -> None:
     model_dir = write_tiny_model(tmp_path / "qwen3", TINY_CONFIGS["qwen3"])
     export_bundle(model_dir, tmp_path / "b", targets=("q",), rank=2, alpha=4, write_gguf=None)

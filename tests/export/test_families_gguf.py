@@ -72,6 +72,14 @@ def test_gemma_variants_llama_cpp_cannot_run_are_refused(tmp_path: Path) -> None
         write_base_gguf(model_dir, tmp_path / "base.gguf")
 
 
+def test_phi3_base_is_refused_rather_than_written_unloadable(tmp_path: Path) -> None:
+    from alignfed.errors import ExportError
+
+    model_dir = write_tiny_model(tmp_path / "model", PHI3_CONFIG)
+    with pytest.raises(ExportError, match=r"a phi3 GGUF base is not written yet"):
+        write_base_gguf(model_dir, tmp_path / "base.gguf")
+
+
 def test_phi3_fused_adapter_is_the_row_blocks_of_each_projection(tmp_path: Path) -> None:
     import gguf
 
