@@ -59,6 +59,11 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.verbose:  # gguf-py logs every file it writes at INFO
         logging.getLogger("gguf").setLevel(logging.WARNING)
+    if args.list:
+        from export.families import listing
+
+        print(listing())
+        return 0
     if args.model is None:
         if not args.check:
             raise SystemExit("alignfed export: --model and --out are required (or --check BUNDLE to check a bundle)")
@@ -87,6 +92,8 @@ def _export(args: argparse.Namespace) -> int:
         quantization=args.quant,
         seed=args.seed,
         gguf_quant=args.gguf_quant,
+        graph=args.graph,
+        write_gguf=not args.no_gguf,
     )
     print(_export_summary(Path(args.out), time.monotonic() - start))
     if args.check is not None:
@@ -240,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "export",
         help="turn a base model (Hugging Face folder or GGUF file) into a bundle, or check a bundle",
-        description="Export a Llama or Qwen2 base model to a bundle (ORT training artifacts, calibration model, "
+        description="Export a base model (Llama, Qwen2, Qwen3, Gemma 3 text, Phi-3; see --list) to a bundle "
+        "(ORT training artifacts, calibration model, "
         "GGUF inference base, tokenizer, manifest). `--check BUNDLE` alone verifies an existing bundle.",
     )
     e.add_argument(
@@ -263,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize the GGUF inference base with llama.cpp (HF sources; a GGUF source keeps its own type)",
     )
     e.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation")
+    e.add_argument(
+        "--graph",
+        choices=["auto", "hand-written", "traced"],
+        default="auto",
+        help="ONNX builder: hand-written (llama, qwen2) or traced from transformers (every family); "
+        "auto picks per family (see --list)",
+    )
+    e.add_argument(
+        "--no-gguf", action="store_true", help="skip gguf/base.gguf (the bundle cannot serve with llama.cpp)"
+    )
+    e.add_argument("--list", action="store_true", help="print the supported model families and what is tested")
     e.add_argument(
         "--check",
         nargs="?",

@@ -42,6 +42,10 @@ class GgufFamily:
 GGUF_FAMILIES: dict[str, GgufFamily] = {
     "llama": GgufFamily(arch="llama", permute_qk=True),
     "qwen2": GgufFamily(arch="qwen2", permute_qk=False),
+    # The traced graph's families: llama.cpp runs all three with NEOX (rotate-half) RoPE.
+    "qwen3": GgufFamily(arch="qwen3", permute_qk=False),
+    "gemma3_text": GgufFamily(arch="gemma3", permute_qk=False),
+    "phi3": GgufFamily(arch="phi3", permute_qk=False),
 }
 
 
@@ -130,7 +134,34 @@ def gguf_tensors(tensors: Mapping[str, np.ndarray], arch: Architecture, layout: 
     extra = sorted(set(tensors) - expected)
     if extra:
         raise BundleError(f"LoRA adapter: unexpected tensor(s) {extra[:4]} for targets {list(layout.targets)}")
-    return out
+    return _fuse(out, arch, layout) if arch.family in lora.FUSED else out
+
+
+def _fuse(named: dict[str, np.ndarray], arch: Architecture, layout: LoraLayout) -> dict[str, np.ndarray]:
+    """Per-projection adapters -> one adapter per fused weight (`lora.FUSED`).
+
+    k adapted parts of a fused weight (out_total, in) become one LoRA of rank k*r: A stacks the
+    parts' A (k*r, in); B (out_total, k*r) holds each part's B in its row block and its own rank
+    columns, zero elsewhere, so B @ A = the parts' products in their row blocks. llama.cpp scales a
+    tensor pair by alpha / rank with rank = rows of A (k*r), hence B times k keeps alpha / r.
+    """
+    outs = {m: arch.in_out(m)[1] for m in lora.MODULES}
+    fused: dict[str, np.ndarray] = {}
+    r = layout.rank
+    for layer in range(arch.n_layers):
+        for spec in lora.FUSED[arch.family]:
+            parts = [m for m in spec.parts if m in layout.targets]
+            if not parts:
+                continue
+            k = len(parts)
+            a = np.concatenate([named.pop(lora.gguf_name(layer, m, "A")) for m in parts])  # (k*r, in)
+            b = np.zeros((sum(outs[m] for m in spec.parts), k * r), dtype=np.float32)  # (out_total, k*r)
+            for j, m in enumerate(parts):
+                start, stop = lora.row_block(spec, m, outs)
+                b[start:stop, j * r : (j + 1) * r] = k * named.pop(lora.gguf_name(layer, m, "B"))
+            fused[f"blk.{layer}.{spec.gguf}.weight.lora_a"] = a
+            fused[f"blk.{layer}.{spec.gguf}.weight.lora_b"] = b
+    return {**named, **fused}
 
 
 def write_lora_gguf(

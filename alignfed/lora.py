@@ -36,6 +36,51 @@ MODULES: dict[str, ModuleSpec] = {
     "down": ModuleSpec(hf="mlp.down_proj", gguf="ffn_down"),
 }
 
+
+@dataclass(frozen=True, slots=True)
+class FusedSpec:
+    """One weight that stacks several logical projections along its output rows."""
+
+    hf: str  # attribute path of the fused nn.Linear inside a HF decoder layer
+    gguf: str  # llama.cpp tensor stem of the fused weight inside `blk.{i}.`
+    parts: tuple[str, ...]  # the logical projections it stacks, top rows first
+
+
+# Families whose Hugging Face modeling code fuses projections. Users still name the logical
+# projections (`--targets q,v`) and canonical keys stay `lora.{i}.q.A|B`: the LoRA of a logical
+# projection is the LoRA of its row block of the fused weight (Phi-3's qkv_proj = [q; k; v] and
+# gate_up_proj = [gate; up], split in that order by Phi3Attention / Phi3MLP; llama.cpp's phi3 graph
+# reads them as attn_qkv and ffn_up, with the same row order).
+FUSED: dict[str, tuple[FusedSpec, ...]] = {
+    "phi3": (
+        FusedSpec(hf="self_attn.qkv_proj", gguf="attn_qkv", parts=("q", "k", "v")),
+        FusedSpec(hf="mlp.gate_up_proj", gguf="ffn_up", parts=("gate", "up")),
+    ),
+}
+
+
+def fused_spec(family: str, module: str) -> FusedSpec | None:
+    """The fused weight holding logical projection `module` in `family`, or None if it has its own."""
+    return next((f for f in FUSED.get(family, ()) if module in f.parts), None)
+
+
+def row_block(spec: FusedSpec, module: str, out_features: Mapping[str, int]) -> tuple[int, int]:
+    """[start, stop) rows of `module` inside the fused weight, from each part's output width."""
+    start = 0
+    for part in spec.parts:
+        stop = start + out_features[part]
+        if part == module:
+            return start, stop
+        start = stop
+    raise ConfigError(f"projection {module!r} is not part of {spec.hf} ({', '.join(spec.parts)})")
+
+
+def hf_projection(family: str, module: str) -> str:
+    """Attribute path inside a HF decoder layer of the nn.Linear that computes `module`."""
+    spec = fused_spec(family, module)
+    return spec.hf if spec is not None else MODULES[module].hf
+
+
 _CANONICAL = re.compile(r"^lora\.(\d+)\.([a-z]+)\.(A|B)$")
 
 

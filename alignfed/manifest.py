@@ -61,10 +61,13 @@ class Architecture:
     tie_embeddings: bool
     # q, k and v projections carry a bias (Qwen2); the default keeps manifests without it loading.
     qkv_bias: bool = False
+    # Width of one attention head when a family decouples it from hidden / n_heads (Qwen3,
+    # Gemma 3); 0 keeps manifests without it loading and means hidden // n_heads.
+    attn_head_dim: int = 0
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.n_heads
+        return self.attn_head_dim or self.hidden // self.n_heads
 
     def in_out(self, module: str) -> tuple[int, int]:
         """(in_features, out_features) of a target projection."""

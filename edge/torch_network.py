@@ -29,6 +29,7 @@ from alignfed.errors import BundleError, TrainingError
 from alignfed.rope import rope_tables
 
 QKV_BIAS = ("q", "k", "v")  # projections with a bias when Architecture.qkv_bias (Qwen2)
+TORCH_FAMILIES = ("llama", "qwen2")  # the families whose forward pass this module writes by hand
 
 
 def import_torch() -> Any:
@@ -89,6 +90,11 @@ class TorchNetwork:
         torch = self._torch = import_torch()
         self.compute = compute or torch.float32
         self.arch = a = manifest.architecture
+        if a.family not in TORCH_FAMILIES:  # its forward pass is Llama's; others would train silently wrong
+            raise TrainingError(
+                f"the torch trainer backend runs {', '.join(TORCH_FAMILIES)}, not {a.family!r}; "
+                "train this bundle with the ort backend"
+            )
         self.scale = manifest.lora.scale
         self.targets = set(manifest.lora.targets)
         self.device = device

@@ -21,6 +21,7 @@ from alignfed import atomic, lora
 from alignfed import manifest as mf
 from alignfed.errors import ConfigError, ExportError
 from alignfed.manifest import Architecture, LoraLayout, Manifest
+from export.families import GraphChoice, graph_for
 from export.onnx_graph import PROTO_LIMIT, QUANTIZATIONS, Quantization, build_model, lora_shapes
 from export.reader import open_source
 from export.source import ModelSource
@@ -56,7 +57,7 @@ def write_gguf_base(source: ModelSource, out_path: Path, gguf_quant: str) -> str
         with atomic.replacing(out_path) as tmp:
             shutil.copyfile(source.path, tmp)
         return source.gguf_quantization or F32
-    from export.gguf_base import write_base_gguf
+    from export.gguf_generic import write_hf_gguf as write_base_gguf
 
     if gguf_quant == F32:
         write_base_gguf(source.path, out_path)
@@ -125,12 +126,14 @@ def export_bundle(
     seed: int = 0,
     write_gguf: bool | None = True,
     gguf_quant: str = F32,
+    graph: GraphChoice = "auto",
 ) -> Manifest:
     """Export a HF Llama / Qwen2 folder or a `.gguf` file to a bundle in `out_dir`; return its manifest.
 
     `write_gguf` False (or None) skips `gguf/base.gguf` (the bundle then cannot serve with
     llama.cpp). `gguf_quant` ("F32", "Q8_0", "Q4_1", "Q4_K_M", ...) applies to HF sources; a GGUF
-    source is copied with its own quantization.
+    source is copied with its own quantization. `graph` picks the ONNX builder (`export.families`):
+    "auto" is the hand-written graph for llama / qwen2 and the traced one for the other families.
     """
     from tqdm import tqdm
 
@@ -141,6 +144,7 @@ def export_bundle(
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"quantization {quantization!r} is not supported; supported: {', '.join(QUANTIZATIONS)}")
     source = open_source(Path(model))
+    builder = graph_for(source.architecture.family, graph)
     if write_gguf:
         check_gguf_request(source, gguf_quant)
 
@@ -157,7 +161,13 @@ def export_bundle(
 
         bar.set_postfix_str(steps[1])
         init = init_lora(arch, layout, seed)
-        train = build_model(arch, weights, layout, init, mode="train", quantization=quantization)
+        calib = None
+        if builder == "traced":  # one trace gives both models
+            from export.traced_graph import build_traced, source_config
+
+            train, calib = build_traced(source_config(source), arch, weights, layout, init, quantization=quantization)
+        else:
+            train = build_model(arch, weights, layout, init, mode="train", quantization=quantization)
         write_training_artifacts(train, list(init), out_dir / mf.TRAIN_DIR)
         # The coordinator publishes these as global version 0 without needing ORT training.
         save_file(
@@ -167,7 +177,8 @@ def export_bundle(
         bar.update()
 
         bar.set_postfix_str(steps[2])
-        calib = build_model(arch, weights, layout, {}, mode="calib", quantization=quantization)
+        if calib is None:
+            calib = build_model(arch, weights, layout, {}, mode="calib", quantization=quantization)
         save_onnx(calib, out_dir / mf.CALIB_MODEL)
         del calib, weights
         bar.update()

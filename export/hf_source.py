@@ -7,7 +7,9 @@ except bfloat16 tensors, which numpy has no dtype for and which are widened from
 (bf16 is the upper half of an IEEE float32).
 
 Supported `model_type`s: "llama" (no biases) and "qwen2" (Llama's layout plus biases on the q, k
-and v projections, full attention only).
+and v projections, full attention only), read tensor by tensor against `export.hf_layout`; and the
+families of the traced graph (`export.families`), whose every floating tensor is returned for
+transformers' own `load_state_dict` to check.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from safetensors.numpy import load_file
 from alignfed import manifest as mf
 from alignfed.errors import ExportError
 from alignfed.manifest import Architecture
+from export import families
 from export.hf_layout import expected_shapes
 from export.source import ModelSource
 
@@ -70,10 +73,8 @@ def rope_theta(cfg: Mapping[str, Any], source: Path) -> float:
 def architecture_from_config(cfg: Mapping[str, Any], source: Path) -> Architecture:
     """Validate a HF config and turn it into an `Architecture`; errors name the field at fault."""
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ExportError(
-            f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if families.family(model_type, source).graph == "traced":
+        return traced_architecture(cfg, source)
     # Llama's attention_bias would add a bias to o_proj too; Qwen2 has q/k/v biases by design.
     expected: dict[str, Any] = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
     if model_type == "qwen2":
@@ -119,6 +120,40 @@ def architecture_from_config(cfg: Mapping[str, Any], source: Path) -> Architectu
         # LlamaConfig and Qwen2Config both default to untied embeddings.
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
+    )
+
+
+def _rope_base(cfg: Mapping[str, Any]) -> float:
+    """RoPE base of the full-attention layers, for the manifest (the traced graph runs the
+    family's own rotary code, so scaling variants need no support here)."""
+    params = cfg.get("rope_parameters") or {}
+    if isinstance(params.get("full_attention"), Mapping):  # per layer type (Gemma 3)
+        params = params["full_attention"]
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def traced_architecture(cfg: Mapping[str, Any], source: Path) -> Architecture:
+    """The `Architecture` of a family the traced graph builds; its forward pass is transformers'."""
+    fam = families.family(cfg.get("model_type"), source)
+    hidden = int(_field(cfg, "hidden_size", source))
+    n_heads = int(_field(cfg, "num_attention_heads", source))
+    n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+    head_dim = int(cfg.get("head_dim") or hidden // n_heads)
+    if n_heads % n_kv != 0:
+        raise ExportError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
+    return Architecture(
+        family=fam.model_type,
+        n_layers=int(_field(cfg, "num_hidden_layers", source)),
+        hidden=hidden,
+        intermediate=int(_field(cfg, "intermediate_size", source)),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        vocab=int(_field(cfg, "vocab_size", source)),
+        max_seq=int(_field(cfg, "max_position_embeddings", source)),
+        rope_theta=_rope_base(cfg),
+        rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", fam.tie_default)),
+        attn_head_dim=head_dim if head_dim != hidden // n_heads else 0,
     )
 
 
@@ -196,8 +231,6 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-
-
 def read_architecture(model_dir: Path) -> Architecture:
     model_dir = Path(model_dir)
     return architecture_from_config(read_config(model_dir), model_dir / CONFIG_NAME)
@@ -219,6 +252,8 @@ def read_weights(model_dir: Path, arch: Architecture) -> dict[str, np.ndarray]:
     loaded: dict[str, np.ndarray] = {}
     for path in weight_files(model_dir):
         loaded.update(read_safetensors(path))
+    if families.family(arch.family, model_dir).graph == "traced":
+        return loaded
     shapes = expected_shapes(arch)
     weights: dict[str, np.ndarray] = {}
     for name, shape in shapes.items():

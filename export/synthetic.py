@@ -1,9 +1,12 @@
-"""Small random Llama / Qwen2 checkpoints in Hugging Face layout, built from a config.
+"""Small random Llama / Qwen2 / Qwen3 / Gemma 3 (text) / Phi-3 checkpoints in Hugging Face layout,
+built from a config.
 
 Used by the test-suite and the quick demo: a 2-layer, hidden-64 model exports, trains and serves
 in seconds, and exercises exactly the code paths of a real base model. Weights are numpy, so no
 torch is needed to make one. A Qwen2 model differs by its q/k/v biases, its RoPE base and its
-tokenizer, which splits text with Qwen2's regex (llama.cpp pre-tokenizer "qwen2").
+tokenizer, which splits text with Qwen2's regex (llama.cpp pre-tokenizer "qwen2"). Qwen3 adds
+q/k RMSNorms (and here a head_dim decoupled from hidden / heads); Gemma 3 adds its four norms per
+layer, logit soft-capping and a sliding-window layer; Phi-3 fuses qkv and gate_up.
 """
 
 from __future__ import annotations
@@ -43,14 +46,42 @@ class TinyConfig:
     rms_eps: float = 1e-5
     tie_embeddings: bool = False
     seed: int = 0
-    family: str = "llama"  # "llama" | "qwen2" (q/k/v biases, Qwen2 tokenizer split)
+    family: str = "llama"  # a key of FAMILIES
+    head_dim: int = 0  # 0: hidden // n_heads
+    sliding_window: int = 0  # Gemma 3: window of its sliding layers
+    # Gemma 3: logit soft-capping on, and the last layer global (not every 6th, llama.cpp's rule)
+    gemma_variant: bool = False
 
 
 QWEN2_CONFIG = TinyConfig(family="qwen2", rope_theta=1e6, rms_eps=1e-6, tie_embeddings=True, seed=4)
-FAMILIES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+QWEN3_CONFIG = TinyConfig(family="qwen3", rope_theta=1e6, rms_eps=1e-6, tie_embeddings=True, head_dim=32, seed=6)
+GEMMA3_CONFIG = TinyConfig(
+    family="gemma3_text", rms_eps=1e-6, tie_embeddings=True, sliding_window=4, gemma_variant=True, seed=7
+)
+# What llama.cpp's gemma3 graph runs: no soft-capping, every 6th layer global (both layers sliding here)
+GEMMA3_LLAMA_CPP_CONFIG = TinyConfig(family="gemma3_text", rms_eps=1e-6, tie_embeddings=True, sliding_window=4, seed=9)
+PHI3_CONFIG = TinyConfig(family="phi3", seed=8)
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3_text": ("Gemma3ForCausalLM", "gemma3_text"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
+}
+TINY_CONFIGS = {
+    "llama": TinyConfig(),
+    "qwen2": QWEN2_CONFIG,
+    "qwen3": QWEN3_CONFIG,
+    "gemma3_text": GEMMA3_CONFIG,
+    "phi3": PHI3_CONFIG,
+}
 
 
-def build_tokenizer(vocab: int, family: str = "llama") -> object:
+# Phi-3's chat tokens: llama.cpp's phi3 vocabulary loader looks them up by text.
+PHI3_SPECIAL_TOKENS = ("<|end|>", "<|assistant|>", "<|user|>", "<|system|>")
+
+
+def build_tokenizer(vocab: int, family: str = "llama", extra_special: tuple[str, ...] = ()) -> object:
     """Train a byte-level BPE with exactly `vocab` entries (GPT-2 style as SmolLM2 uses, or
     Qwen2's split regex followed by bytes)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -71,7 +102,7 @@ def build_tokenizer(vocab: int, family: str = "llama") -> object:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -95,12 +126,13 @@ def write_tiny_model(out: Path, cfg: TinyConfig) -> Path:
         raise ValueError(f"family expected one of {sorted(FAMILIES)}, got {cfg.family!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(cfg.vocab, cfg.family)
+    extra = PHI3_SPECIAL_TOKENS if cfg.family == "phi3" else ()
+    tok = build_tokenizer(cfg.vocab, "qwen2" if cfg.family.startswith("qwen") else "llama", extra)
     vocab = tok.get_vocab_size()  # type: ignore[attr-defined]
     tok.save(str(out / "tokenizer.json"))  # type: ignore[attr-defined]
 
     rng = np.random.default_rng(cfg.seed)
-    head_dim = cfg.hidden // cfg.n_heads
+    head_dim = cfg.head_dim or cfg.hidden // cfg.n_heads
     q_out, kv_out = cfg.n_heads * head_dim, cfg.n_kv_heads * head_dim
 
     def lin(d_out: int, d_in: int) -> np.ndarray:
@@ -112,9 +144,21 @@ def write_tiny_model(out: Path, cfg: TinyConfig) -> Path:
     w: dict[str, np.ndarray] = {
         "model.embed_tokens.weight": (rng.standard_normal((vocab, cfg.hidden)) * 0.5).astype(np.float32)
     }
+    if cfg.family == "gemma3_text":  # Gemma norms scale by (1 + w): keep w near 0
+        base_norm = norm
+
+        def norm(d: int) -> np.ndarray:
+            return base_norm(d) - 1.0
+
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm(cfg.hidden)
+        if cfg.family in ("qwen3", "gemma3_text"):
+            w[p + "self_attn.q_norm.weight"] = norm(head_dim)
+            w[p + "self_attn.k_norm.weight"] = norm(head_dim)
+        if cfg.family == "gemma3_text":
+            w[p + "pre_feedforward_layernorm.weight"] = norm(cfg.hidden)
+            w[p + "post_feedforward_layernorm.weight"] = norm(cfg.hidden)
         w[p + "self_attn.q_proj.weight"] = lin(q_out, cfg.hidden)
         w[p + "self_attn.k_proj.weight"] = lin(kv_out, cfg.hidden)
         w[p + "self_attn.v_proj.weight"] = lin(kv_out, cfg.hidden)
@@ -127,6 +171,13 @@ def write_tiny_model(out: Path, cfg: TinyConfig) -> Path:
         w[p + "mlp.gate_proj.weight"] = lin(cfg.intermediate, cfg.hidden)
         w[p + "mlp.up_proj.weight"] = lin(cfg.intermediate, cfg.hidden)
         w[p + "mlp.down_proj.weight"] = lin(cfg.hidden, cfg.intermediate)
+    if cfg.family == "phi3":  # Phi3Attention / Phi3MLP split these rows as [q; k; v] and [gate; up]
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}."
+            parts = [w.pop(p + f"self_attn.{m}_proj.weight") for m in "qkv"]
+            w[p + "self_attn.qkv_proj.weight"] = np.concatenate(parts)
+            gate, up = w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")
+            w[p + "mlp.gate_up_proj.weight"] = np.concatenate([gate, up])
     w["model.norm.weight"] = norm(cfg.hidden)
     if not cfg.tie_embeddings:
         w["lm_head.weight"] = lin(vocab, cfg.hidden)
@@ -158,6 +209,23 @@ def write_tiny_model(out: Path, cfg: TinyConfig) -> Path:
     if cfg.family == "qwen2":  # Qwen2Config has no bias switches; its q/k/v biases are built in
         del config["attention_bias"], config["mlp_bias"]
         config["use_sliding_window"] = False
+    if cfg.family == "gemma3_text":
+        del config["hidden_act"], config["mlp_bias"]
+        window = cfg.sliding_window or cfg.max_seq
+        config |= {
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": head_dim,
+            "sliding_window": window,
+            "layer_types": ["sliding_attention"] * (cfg.n_layers - 1) + ["full_attention"]
+            if cfg.gemma_variant
+            else ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg.n_layers)],
+            "rope_local_base_freq": 10000.0,
+            "final_logit_softcapping": 30.0 if cfg.gemma_variant else None,
+            "attn_logit_softcapping": 50.0 if cfg.gemma_variant else None,
+        }
+    if cfg.family == "phi3":
+        del config["attention_bias"], config["mlp_bias"]
+        config |= {"original_max_position_embeddings": cfg.max_seq, "pad_token_id": eos}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "model_max_length": cfg.max_seq})

@@ -120,8 +120,8 @@ def test_unsupported_qwen2_variants_name_the_field(qwen_dir: Path, tmp_path: Pat
     (model / "config.json").write_text(json.dumps(cfg | {"use_sliding_window": True}))
     with pytest.raises(ExportError, match=r"use_sliding_window is True, only False is supported"):
         read_hf_model(model)
-    (model / "config.json").write_text(json.dumps(cfg | {"model_type": "qwen3"}))
-    with pytest.raises(ExportError, match=r"model_type 'qwen3' is not supported; supported: llama, qwen2"):
+    (model / "config.json").write_text(json.dumps(cfg | {"model_type": "qwen2_moe"}))
+    with pytest.raises(ExportError, match=r"model_type 'qwen2_moe' is not supported; supported: llama, qwen2"):
         read_hf_model(model)
 
 

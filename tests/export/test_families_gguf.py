@@ -1,0 +1,107 @@
+"""llama.cpp on the traced graph's families: the base GGUF's tensor names are gguf-py's own
+(`gguf.TensorNameMap`), llama.cpp's logits on it equal transformers', and with the exported GGUF
+LoRA they equal transformers' with the adapter merged. Phi-3's fused adapter is checked as math.
+
+Tolerance, relative to max |logit|: F32 base and F32 KV cache, so for Qwen3 llama.cpp and PyTorch
+differ only in summation order (measured 2e-6); 1e-4 leaves room for other CPUs. Gemma's GELU is
+evaluated by ggml through an fp16 lookup table (measured 7e-5), so it gets 5e-4. An adapter row in
+the wrong place (wrong block, missing permutation) moves logits by ~1, far above both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignfed import lora
+from alignfed.gguf_adapter import gguf_tensors, write_lora_gguf
+from alignfed.manifest import LoraLayout
+from export.gguf_generic import write_generic_gguf as write_base_gguf
+from export.hf_source import read_architecture
+from export.onnx_graph import lora_shapes
+from export.synthetic import GEMMA3_CONFIG, GEMMA3_LLAMA_CPP_CONFIG, PHI3_CONFIG, QWEN3_CONFIG, write_tiny_model
+from runtime.llama import Generator
+from tests.support.hf_reference import hf_model, merged_model, random_adapter
+
+TOL = {"qwen3": 1e-4, "gemma3_text": 5e-4}  # relative to max |logit|; see the module docstring
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LAYOUT = LoraLayout(ALL_TARGETS, 4, 8.0)
+CONFIGS = {"qwen3": QWEN3_CONFIG, "gemma3_text": GEMMA3_LLAMA_CPP_CONFIG}
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_llama_cpp_logits_equal_transformers_with_the_adapter(family: str, tmp_path: Path) -> None:
+    import gguf
+
+    model_dir = write_tiny_model(tmp_path / "model", CONFIGS[family])
+    arch = read_architecture(model_dir)
+    base = write_base_gguf(model_dir, tmp_path / "base.gguf")
+    names = {t.name for t in gguf.GGUFReader(base).tensors}
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == {"gemma3_text": "gemma3"}.get(family, family))
+    known = {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in gguf.MODEL_TENSORS[arch_enum] for i in range(2)}
+    assert names <= known, sorted(names - known)  # every tensor is one llama.cpp's arch declares
+
+    adapter = random_adapter(lora_shapes(arch, LAYOUT), seed=3)
+    lora_path = write_lora_gguf(tmp_path / "lora.gguf", adapter, arch, LAYOUT)
+    ids = [int(x) for x in np.random.default_rng(0).integers(0, arch.vocab, 12)]
+    with torch.no_grad():
+        plain = hf_model(model_dir)(input_ids=torch.tensor([ids])).logits[0].numpy()
+        merged = merged_model(model_dir, arch, adapter, LAYOUT)(input_ids=torch.tensor([ids])).logits[0].numpy()
+    with Generator(base, n_ctx=64, n_threads=2, kv_f32=True) as gen:
+        got_plain = gen.logits(ids)
+        gen.set_adapter(lora_path)
+        got_merged = gen.logits(ids)
+    err_plain = float(np.abs(got_plain - plain).max() / np.abs(plain).max())
+    err = float(np.abs(got_merged - merged).max() / np.abs(merged).max())
+    effect = float(np.abs(merged - plain).max())
+    print(
+        f"[{family}] llama.cpp vs transformers: base {err_plain:.2e}, "
+        f"with adapter {err:.2e} (adapter moves {effect:.2f})"
+    )
+    assert effect > 0.5  # the comparison can see a misplaced adapter
+    assert err_plain < TOL[family] and err < TOL[family]
+
+
+def test_gemma_variants_llama_cpp_cannot_run_are_refused(tmp_path: Path) -> None:
+    from alignfed.errors import ExportError
+
+    model_dir = write_tiny_model(tmp_path / "model", GEMMA3_CONFIG)  # soft-capping on
+    with pytest.raises(ExportError, match=r"attn_logit_softcapping is 50.0; llama.cpp's gemma3_text graph needs None"):
+        write_base_gguf(model_dir, tmp_path / "base.gguf")
+
+
+def test_phi3_base_is_refused_rather_than_written_unloadable(tmp_path: Path) -> None:
+    from alignfed.errors import ExportError
+
+    model_dir = write_tiny_model(tmp_path / "model", PHI3_CONFIG)
+    with pytest.raises(ExportError, match=r"a phi3 GGUF base is not written yet"):
+        write_base_gguf(model_dir, tmp_path / "base.gguf")
+
+
+def test_phi3_fused_adapter_is_the_row_blocks_of_each_projection(tmp_path: Path) -> None:
+    import gguf
+
+    model_dir = write_tiny_model(tmp_path / "model", PHI3_CONFIG)
+    arch = read_architecture(model_dir)
+    layout = LoraLayout(("q", "v", "up"), 4, 8.0)
+    adapter = random_adapter(lora_shapes(arch, layout), seed=4)
+    named = gguf_tensors(adapter, arch, layout)
+    name_map = gguf.TensorNameMap(gguf.MODEL_ARCH.PHI3, arch.n_layers)
+    outs = {m: arch.in_out(m)[1] for m in lora.MODULES}
+    for i in range(arch.n_layers):
+        for spec in lora.FUSED["phi3"]:
+            stem = name_map.get_name(f"model.layers.{i}.{spec.hf}.weight", try_suffixes=(".weight",))
+            a, b = named[f"{stem}.lora_a"], named[f"{stem}.lora_b"]
+            parts = [m for m in spec.parts if m in layout.targets]
+            # llama.cpp adds alpha / rank(A) * B @ A with rank(A) = rows of A
+            delta = layout.alpha / a.shape[0] * (b.astype(np.float64) @ a)
+            want = np.zeros_like(delta)
+            for m in parts:
+                start, stop = lora.row_block(spec, m, outs)
+                want[start:stop] = lora.product(adapter, lora.layer_id(i, m), layout.scale)
+            np.testing.assert_allclose(delta, want, rtol=1e-5, atol=1e-6)
+    assert set(named) == {
+        f"blk.{i}.{stem}.weight.lora_{f}" for i in range(2) for stem in ("attn_qkv", "ffn_up") for f in "ab"
+    }

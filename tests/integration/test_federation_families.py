@@ -1,0 +1,72 @@
+"""A federation on a family the traced graph exports (Qwen3: q/k norms, decoupled head_dim):
+coordinator and two ORT edge daemons, each its own process, over a real Mosquitto broker, reach
+global version 3 with the AlignFed strategy (its calibration runner runs the traced calib model)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignfed import protocol
+from alignfed.corpora import DOMAINS, write_domain
+from coordinator.store import Store
+from demo.local import DeviceSpec, lay_out
+from export.bundle import export_bundle
+from export.synthetic import QWEN3_CONFIG, write_tiny_model
+from tests.support.broker import Mosquitto
+from tests.support.federation import fast_profile, spawn, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def read_logs(root: Path) -> str:
+    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(root.glob("*.log")))
+
+
+def test_qwen3_federation_reaches_version_3(tmp_path: Path, broker: Mosquitto) -> None:
+    model_dir = write_tiny_model(tmp_path / "qwen3", QWEN3_CONFIG)
+    bundle = tmp_path / "bundle"
+    export_bundle(model_dir, bundle, targets=("q", "v"), rank=4, alpha=8.0)  # traced graph + qwen3 GGUF
+    profile = fast_profile(tmp_path / "fast.toml")
+    specs = [
+        DeviceSpec(
+            f"dev-{i}",
+            str(profile),
+            write_domain(tmp_path / f"data-{i}.jsonl", DOMAINS[i], 40, seed=i),
+            extra={"max_rounds": 4, "seed": i},
+        )
+        for i in range(2)
+    ]
+    strategy = {"name": "alignfed", "k": 2, "max_wait_s": 5.0, "tau_max": 8}
+    fed = lay_out(tmp_path / "fed", bundle=bundle, broker_url=broker.url, devices=specs, strategy=strategy)
+    coord = spawn("coordinator", "--config", str(fed.coordinator_config), log=tmp_path / "coordinator.log")
+    edges = [spawn("edge", "--config", str(p), log=tmp_path / f"{d}.log") for d, p in fed.device_configs.items()]
+    try:
+        for e in edges:
+            assert e.wait(timeout=240) == 0, read_logs(tmp_path)
+        store = Store(tmp_path / "fed" / "coordinator" / "coordinator.sqlite")
+        wait_for(lambda: (store.latest_version() or 0) >= 3, 60, "global version 3")
+        latest = store.latest_version()
+        assert latest is not None and latest >= 3
+        stats = store.stats()
+        assert all(stats[d]["rejected"] == 0 for d in fed.device_configs), stats
+        g = protocol.decode_global(store.version(latest)[0], 1 << 30)
+        assert g.version == latest and g.strategy == "alignfed"
+        assert any(np.abs(t).max() > 0 for k, t in g.tensors.items() if k.endswith(".B"))  # B moved off zero
+        store.close()
+        # each device turned a global adapter into a llama.cpp LoRA for its qwen3 base
+        assert sorted((tmp_path / "fed" / "dev-0" / "state" / "adapters").glob("adapter-*.gguf"))
+    finally:
+        for p in [*edges, coord]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in [*edges, coord]:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    assert coord.returncode == 0, read_logs(tmp_path)
