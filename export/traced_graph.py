@@ -35,6 +35,7 @@ from torch import nn
 
 from alignfed import lora
 from alignfed.errors import ExportError
+from alignfed.lowrank import quantize_rows
 from alignfed.manifest import BASE_INT8, BASE_SCALE, BASE_T, Architecture, LoraLayout
 from export.onnx_graph import (
     CONST_PREFIX,
@@ -47,7 +48,6 @@ from export.onnx_graph import (
     Quantization,
     act_name,
     lora_shapes,
-    quantize_int8_rows,
 )
 from export.source import ModelSource
 
@@ -285,7 +285,7 @@ def _transposed_projections(graph: onnx.GraphProto, quantization: Quantization) 
         w = numpy_helper.to_array(init)  # (out, in)
         graph.initializer.remove(init)
         if quantization == "int8":
-            q, scale = quantize_int8_rows(w)
+            q, scale = quantize_rows(w)  # per output channel: w (out, in) ≈ q * scale[:, None]
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.T), name + BASE_INT8))
             graph.initializer.append(numpy_helper.from_array(scale, name + BASE_SCALE))
             source = name + ".T.dequantized"
