@@ -43,9 +43,17 @@ def frobenius(f: Factors) -> float:
     return math.sqrt(max(f.squared_norm(), 0.0))
 
 
+def decode(payload: bytes, max_bytes: int) -> protocol.Decoded:
+    """Decode an update once, for every check after it; a payload that does not decode is `malformed`."""
+    try:
+        return protocol.decode_update(payload, max_bytes)
+    except ProtocolError as exc:
+        raise RejectedUpdate(f"malformed: {exc}") from exc
+
+
 def validate(
     device_id: str,
-    payload: bytes,
+    payload: bytes | protocol.Decoded,
     *,
     manifest: Manifest,
     bundle: str,
@@ -54,11 +62,10 @@ def validate(
     current_version: int,
     limits: IngestLimits,
 ) -> protocol.AdapterUpdate:
-    """Decode and check one update published on `devices/{device_id}/update`."""
-    try:
-        decoded = protocol.decode_update(payload, payload_limit(limits, manifest))
-    except ProtocolError as exc:
-        raise RejectedUpdate(f"malformed: {exc}") from exc
+    """Check one update published on `devices/{device_id}/update`: its payload, or the form `decode`
+    already made of it (the coordinator decodes each message once)."""
+    limit = payload_limit(limits, manifest)
+    decoded = payload if isinstance(payload, protocol.Decoded) else decode(payload, limit)
     update = decoded.update
     for name in ("train_loss", "wall_time", "created_at"):
         if not math.isfinite(getattr(update, name)):

@@ -18,13 +18,13 @@ from typing import Any
 from alignfed import manifest as mf
 from alignfed import protocol
 from alignfed.adapter import initial_adapter
-from alignfed.errors import ConfigError, ProtocolError, RejectedUpdate
+from alignfed.errors import ConfigError, RejectedUpdate
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport
 from coordinator import strategies
 from coordinator.config import CoordinatorConfig, strategy_options
 from coordinator.fairness import jain_index
-from coordinator.ingest import payload_limit, validate
+from coordinator.ingest import decode, payload_limit, validate
 from coordinator.store import Store
 from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate, Strategy
 from dashboard import feed
@@ -149,14 +149,10 @@ class Coordinator:
 
     # -- message handling -------------------------------------------------------------------------
 
-    def _seen(self, device_id: str, payload: bytes) -> protocol.Ack | None:
+    def _seen(self, device_id: str, decoded: protocol.Decoded) -> protocol.Ack | None:
         """The stored outcome of a correctly signed resend, answered before any version check: the
         current version may have moved past tau_max since the first copy was accepted."""
         key = self.store.device_key(device_id)
-        try:
-            decoded = protocol.decode_update(payload, self._payload_limit)
-        except ProtocolError:
-            return None
         if key is None or decoded.update.device_id != device_id or not decoded.verify(key):
             return None
         seen = self.store.lookup(device_id, decoded.update.update_id)
@@ -168,12 +164,14 @@ class Coordinator:
     def handle_update(self, device_id: str, payload: bytes) -> protocol.Ack:
         """Validate, persist and buffer one update; returns the ack to send."""
         now = self.clock()
-        if (again := self._seen(device_id, payload)) is not None:  # QoS 1 duplicate or resend
-            return again
+        decoded: protocol.Decoded | None = None
         try:
+            decoded = decode(payload, self._payload_limit)  # once: every check below reads this
+            if (again := self._seen(device_id, decoded)) is not None:  # QoS 1 duplicate or resend
+                return again
             update = validate(
                 device_id,
-                payload,
+                decoded,
                 manifest=self.manifest,
                 bundle=self.bundle,
                 key_of=self.store.device_key,
@@ -184,13 +182,9 @@ class Coordinator:
         except RejectedUpdate as exc:
             log.warning("rejected update from %s: %s", device_id, exc.reason)
             self._emit(feed.UpdateReceived(now, device_id, False, exc.reason, len(payload)))
-            return protocol.Ack(
-                device_id,
-                _update_id_of(payload, self._payload_limit),
-                False,
-                exc.reason,
-                self.current.version,
-            )
+            # a payload that did not decode may still carry its id in a readable header
+            update_id = decoded.update.update_id if decoded is not None else _update_id_of(payload, self._payload_limit)
+            return protocol.Ack(device_id, update_id, False, exc.reason, self.current.version)
         client = ClientUpdate.from_message(update, now)
         # Durable first: a crash between here and the strategy replays it from the store on restart.
         self.store.record(update, payload, now, status="pending")

@@ -169,3 +169,22 @@ def test_hostile_payloads_get_a_malformed_reject_not_an_internal_error(
         assert "\n" not in ack.reason
     assert not any(r.exc_info for r in caplog.records)
     assert c.store.stats() == {}  # nothing stored, nothing buffered
+
+
+def test_each_update_is_decoded_once(tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resend lookup, validation and buffering all read one decoded form of the message."""
+    c = coordinator(tmp_path, tiny_bundle, k=2)
+    calls = []
+    real = protocol.decode_update
+
+    def counting(payload: bytes, max_bytes: int) -> protocol.Decoded:
+        calls.append(len(payload))
+        return real(payload, max_bytes)
+
+    monkeypatch.setattr(protocol, "decode_update", counting)
+    payload = update(tiny_bundle, 0)
+    assert c.handle_update("dev-1", payload).accepted
+    assert len(calls) == 1
+    again = c.handle_update("dev-1", payload)  # the QoS 1 duplicate: answered from the store
+    assert again.accepted and again.reason == "duplicate"
+    assert len(calls) == 2
