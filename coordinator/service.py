@@ -120,15 +120,17 @@ class Coordinator:
         return self._state(version) if self.store.has_version(version) else None
 
     def _strategy_options(self) -> dict[str, Any]:
-        options = dict(self.cfg.strategy_options)
-        if self.cfg.strategy == "alignfed":
-            from coordinator.calibration import CalibrationRunner
+        """The config's options plus what the strategy declares it needs (`Strategy.needs`)."""
+        providers: dict[str, Callable[[], Any]] = {"activations": self._calibration, "state_of": lambda: self.state_of}
+        needs = strategies.strategy_class(self.cfg.strategy).needs
+        return {**self.cfg.strategy_options, **{need: providers[need]() for need in needs}}
 
-            options["activations"] = CalibrationRunner.from_bundle(
-                self.cfg.bundle, self.manifest, self.cfg.calibration_data, self.cfg.calibration_tokens
-            )
-            options["state_of"] = self.state_of
-        return options
+    def _calibration(self) -> Any:
+        from coordinator.calibration import CalibrationRunner
+
+        return CalibrationRunner.from_bundle(
+            self.cfg.bundle, self.manifest, self.cfg.calibration_data, self.cfg.calibration_tokens
+        )
 
     def _restore_history(self) -> None:
         """Rebuild the strategy's per-device memory (fairness, staleness) from the store's log."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from alignfed.errors import ConfigError
-from coordinator.strategies import build
+from coordinator.strategies import build, strategy_class
 from coordinator.strategies.base import Strategy
 from simulator.accuracy import AccuracyHook
 from simulator.engine import Simulation, SimulationConfig, VersionHistory
@@ -56,12 +56,10 @@ class ExperimentResult:
 
 
 def make_strategy(variant: Variant, testbed: Testbed, history: VersionHistory) -> Strategy:
-    options = dict(variant.options)
-    if variant.strategy == "alignfed":
-        if options.get("alignment", True) and options.get("grouping", True):
-            options.setdefault("activations", testbed.calibration())
-        options.setdefault("state_of", history.get)
+    providers: dict[str, Callable[[], Any]] = {"activations": testbed.calibration, "state_of": lambda: history.get}
     try:
+        needs = strategy_class(variant.strategy).needs  # what the strategy asks for (`Strategy.needs`)
+        options = {**{need: providers[need]() for need in needs}, **variant.options}
         return build(variant.strategy, **options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"variant {variant.name!r}: {exc}") from exc

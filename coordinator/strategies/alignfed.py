@@ -133,6 +133,7 @@ class AlignFed(BufferedStrategy):
     """
 
     name: ClassVar[str] = "alignfed"
+    needs: ClassVar[tuple[str, ...]] = ("activations", "state_of")
 
     def __init__(
         self,

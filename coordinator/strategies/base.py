@@ -78,6 +78,11 @@ class Aggregation:
 
 class Strategy(ABC):
     name: ClassVar[str]
+    # What the strategy asks of the program that runs it, handed to its constructor by name:
+    # "activations" (an `alignment.ActivationSource` over the bundle's calibration set) and
+    # "state_of" (version -> AdapterState of a stored version). The coordinator and the simulator
+    # provide each by name, so neither needs to know which strategy wants what.
+    needs: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def add(self, update: ClientUpdate, current_version: int) -> None:
