@@ -17,13 +17,14 @@ from alignfed import protocol
 from alignfed.errors import ProtocolError, RejectedUpdate
 from alignfed.lowrank import Factors
 from alignfed.manifest import Manifest
+from coordinator.strategies.staleness import TAU_MAX
 
 
 @dataclass(frozen=True, slots=True)
 class IngestLimits:
     max_payload_bytes: int = 64 << 20
     max_delta_norm: float = 100.0  # Frobenius norm bound per layer delta
-    tau_max: int = 32  # staleness bound in versions (docs/decisions.md §14)
+    tau_max: int = TAU_MAX  # staleness bound in versions, AlignFed's too (staleness.TAU_MAX)
 
 
 def payload_limit(limits: IngestLimits, manifest: Manifest) -> int:

@@ -39,6 +39,7 @@ from coordinator.alignment import ActivationSource, Aligner, GroupAlignment, con
 from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate
 from coordinator.strategies.buffered import BufferedStrategy, robust_config
 from coordinator.strategies.robust import Aggregator, RobustConfig
+from coordinator.strategies.staleness import TAU_MAX
 
 StateLookup = Callable[[int], AdapterState | None]
 
@@ -51,7 +52,7 @@ class AlignFedConfig:
 
     k: int = 8  # aggregate after K buffered updates ...
     max_wait_s: float = 60.0  # ... or when the oldest has waited T seconds
-    tau_max: int = 32  # refuse updates more than tau_max versions behind (docs/decisions.md §14)
+    tau_max: int = TAU_MAX  # refuse updates more than tau_max versions behind (staleness.TAU_MAX)
     server_lr: float = 1.0  # η
     a: float = 0.5  # freshness exponent: (1 + τ)^(−a)
     gamma: float = 0.5  # sample exponent: n_i^γ

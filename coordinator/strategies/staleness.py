@@ -22,6 +22,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+# The staleness bound in versions, one default for ingest (coordinator.ingest.IngestLimits) and for
+# AlignFed's grouping (AlignFedConfig): at 8 the slowest class's updates were all refused
+# (docs/decisions.md §14).
+TAU_MAX = 32
+
 
 @runtime_checkable
 class StalenessWeight(Protocol):
