@@ -125,7 +125,16 @@ def _coordinator(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        Coordinator(cfg).run(stop)
+        if args.action == "ingest-worker":
+            from coordinator.worker import IngestWorker
+
+            IngestWorker(cfg, args.name).run(stop)
+        elif args.action == "aggregator":
+            from coordinator.aggregator import Aggregator
+
+            Aggregator(cfg, args.name).run(stop)
+        else:
+            Coordinator(cfg).run(stop)
     except KeyboardInterrupt:
         stop.set()
     return 0
@@ -258,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_export)
 
     c = sub.add_parser("coordinator", help="run the coordinator, or register a device")
-    c.add_argument("action", nargs="?", choices=["run", "add-device"], default="run")
+    c.add_argument(
+        "action", nargs="?", choices=["run", "add-device", "ingest-worker", "aggregator"], default="run"
+    )
+    c.add_argument("--name", default="w1", help="ingest-worker / aggregator: this process's name (client id suffix)")
     c.add_argument("--config", required=True, help="coordinator.toml")
     c.add_argument("--device-id", help="add-device: id of the new device")
     c.add_argument("--profile", default="x86-laptop", help="add-device: the device's profile name")

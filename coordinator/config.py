@@ -17,7 +17,7 @@ from coordinator.ingest import IngestLimits
 class CoordinatorConfig:
     federation: str
     bundle: Path
-    database: Path
+    database: Path | str  # an SQLite file, or a postgresql:// URL (coordinator/pgstore.py)
     broker: BrokerConfig
     strategy: str = "fedbuff"
     strategy_options: dict[str, Any] = field(default_factory=dict)
@@ -25,6 +25,10 @@ class CoordinatorConfig:
     client_id: str = "alignfed-coordinator"
     calibration_data: Path | None = None  # JSONL/text for the alignment mini-batch (alignfed strategy)
     calibration_tokens: int = 256
+
+
+def _database(value: str, rel: Any) -> Path | str:
+    return value if value.startswith(("postgresql://", "postgres://")) else Path(rel(value))
 
 
 def load(path: Path) -> CoordinatorConfig:
@@ -63,7 +67,7 @@ def load(path: Path) -> CoordinatorConfig:
     return CoordinatorConfig(
         federation=check_id(str(need(raw, "federation", "")), "federation id"),
         bundle=rel(str(need(raw, "bundle", ""))),
-        database=rel(str(raw.get("database", "coordinator.sqlite"))),
+        database=_database(str(raw.get("database", "coordinator.sqlite")), rel),
         broker=BrokerConfig(
             url=str(need(broker_raw, "url", "[broker].")),
             username=str(broker_raw.get("username", "")),

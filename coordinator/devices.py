@@ -16,7 +16,7 @@ from alignfed.errors import ConfigError
 from alignfed.profiles import load_profile
 from alignfed.topics import Topics, check_id
 from coordinator.config import CoordinatorConfig
-from coordinator.store import Store
+from coordinator.storage import open_store
 
 
 def device_acl(topics: Topics, device_id: str) -> str:
@@ -60,7 +60,7 @@ def add_device(
     check_id(device_id, "device id")
     profile_name = load_profile(profile).name  # fail early on an unknown profile
     key = secrets.token_hex(32)
-    store = Store(cfg.database)
+    store = open_store(cfg.database)
     try:
         store.add_device(device_id, key, profile_name)
     finally:

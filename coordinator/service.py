@@ -25,7 +25,7 @@ from coordinator import strategies
 from coordinator.config import CoordinatorConfig
 from coordinator.fairness import jain_index
 from coordinator.ingest import payload_limit, validate
-from coordinator.store import Store
+from coordinator.storage import CoordinatorStore, open_store
 from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate, Strategy
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Coordinator:
         *,
         strategy: Strategy | None = None,
         clock: Callable[[], float] = time.time,
+        store: CoordinatorStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.federation)
@@ -47,7 +48,7 @@ class Coordinator:
         self._payload_limit = payload_limit(cfg.limits, self.manifest)
         mf.verify(cfg.bundle, self.manifest)
         self.bundle = mf.bundle_digest(self.manifest)
-        self.store = Store(cfg.database)
+        self.store = store or open_store(cfg.database)  # the elected aggregator passes its own
         self.clock = clock
         self.transport: Transport | None = None
         self.staleness: Counter[int] = Counter()
