@@ -15,8 +15,8 @@ from pathlib import Path
 from alignfed.errors import ConfigError
 from alignfed.profiles import load_profile
 from alignfed.topics import Topics, check_id
+from coordinator.backend import open_store
 from coordinator.config import CoordinatorConfig
-from coordinator.storage import open_store
 
 
 def device_acl(topics: Topics, device_id: str) -> str:

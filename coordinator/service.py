@@ -22,10 +22,11 @@ from alignfed.errors import ConfigError, ProtocolError, RejectedUpdate
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport
 from coordinator import strategies
+from coordinator.backend import open_store
 from coordinator.config import CoordinatorConfig
 from coordinator.fairness import jain_index
 from coordinator.ingest import payload_limit, validate
-from coordinator.storage import CoordinatorStore, open_store
+from coordinator.storage import CoordinatorStore
 from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate, Strategy
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""What every coordinator store offers, and the choice between them by the `database` setting.
+"""What every coordinator store offers (the choice between them: `coordinator.backend`).
 
 `store.Store` (SQLite, one process) is the default; `pgstore.PgStore` (PostgreSQL) is shared by
 several ingest workers and one elected aggregator (docs/scale.md). Both commit an update before
@@ -68,17 +68,6 @@ class CoordinatorStore(Protocol):
 
 def is_postgres(database: Path | str) -> bool:
     return isinstance(database, str) and database.startswith(POSTGRES_SCHEMES)
-
-
-def open_store(database: Path | str) -> CoordinatorStore:
-    """PostgreSQL for a `postgresql://` URL, else the SQLite file at that path."""
-    if is_postgres(database):
-        from coordinator.pgstore import PgStore
-
-        return PgStore(str(database))
-    from coordinator.store import Store
-
-    return Store(Path(database))
 
 
 def pack_residual(residual: Mapping[str, Factors]) -> bytes:

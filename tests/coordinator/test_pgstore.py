@@ -9,8 +9,9 @@ import pytest
 from alignfed import protocol
 from alignfed.errors import ConfigError
 from alignfed.lowrank import Factors
+from coordinator.backend import open_store
 from coordinator.pgstore import MIGRATIONS, PgStore
-from coordinator.storage import StoreConflict, open_store
+from coordinator.storage import StoreConflict
 from tests.support.messages import adapter_update
 from tests.support.postgres import LocalCluster, fresh_database
 
