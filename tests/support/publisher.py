@@ -39,6 +39,8 @@ class UpdatePublisher:
     version_of: Callable[[], int]  # the newest global version (devices read it from the retained adapter)
     rank: int = 2
     seed: int = 0
+    quantization: str = "fp32"  # wire format of the factors, as devices choose it
+    codec: str = "none"
     sent: dict[str, Sent] = field(default_factory=dict)  # update id -> what was sent and its ack
 
     def __post_init__(self) -> None:
@@ -82,10 +84,11 @@ class UpdatePublisher:
             created_at=time.time(),
             deltas=deltas,
         )
-        return update.update_id, protocol.encode_update(update, self.keys[device_id])
+        return update.update_id, protocol.encode_update(update, self.keys[device_id], self.quantization, self.codec)
 
-    def publish(self, device_id: str) -> str:
-        update_id, payload = self.make(device_id, self.version_of())
+    def publish(self, device_id: str, made: tuple[str, bytes] | None = None) -> str:
+        """Publish a new update of `device_id` (or one `make` prepared) and remember it for its ack."""
+        update_id, payload = made or self.make(device_id, self.version_of())
         with self._lock:
             self.sent[update_id] = Sent(device_id, payload, time.monotonic())
         self.transport.publish(self.topics.update(device_id), payload, timeout=10)
