@@ -21,7 +21,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.pgstore import PgStore
 from coordinator.service import Coordinator
 from coordinator.storage import StoreConflict, is_postgres
-from coordinator.strategies.base import ClientUpdate
+from coordinator.tier import client_updates
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ class Aggregator:
             payload, received_at = row
             try:
                 update = protocol.decode_update(payload, c._payload_limit).update
-                c.strategy.add(ClientUpdate.from_message(update, received_at), c.current.version)
+                for client in client_updates(update, received_at):
+                    c.strategy.add(client, c.current.version)
                 added += 1
             except (RejectedUpdate, ProtocolError) as exc:
                 reason = exc.reason if isinstance(exc, RejectedUpdate) else str(exc)

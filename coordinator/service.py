@@ -27,7 +27,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.fairness import jain_index
 from coordinator.ingest import payload_limit, validate
 from coordinator.storage import CoordinatorStore
-from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate, Strategy
+from coordinator.strategies.base import AdapterState, Aggregation, Strategy
+from coordinator.tier import client_updates, stored_keys
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ class Coordinator:
         for payload, received_at in self.store.pending():
             update = protocol.decode_update(payload, self._payload_limit).update
             try:
-                self.strategy.add(ClientUpdate.from_message(update, received_at), self.current.version)
+                for client in client_updates(update, received_at):  # a site update: one per member device
+                    self.strategy.add(client, self.current.version)
                 restored += 1
             except RejectedUpdate as exc:
                 self.store.reject_pending(update.device_id, update.update_id, exc.reason)
@@ -179,11 +181,12 @@ class Coordinator:
                 exc.reason,
                 self.current.version,
             )
-        client = ClientUpdate.from_message(update, now)
+        clients = client_updates(update, now)  # a site update enters as its member devices (coordinator/tier.py)
         # Durable first: a crash between here and the strategy replays it from the store on restart.
         self.store.record(update, payload, now, status="pending")
         try:
-            self.strategy.add(client, self.current.version)
+            for client in clients:
+                self.strategy.add(client, self.current.version)
         except RejectedUpdate as exc:
             self.store.reject_pending(device_id, update.update_id, exc.reason)
             log.warning("strategy rejected update %s from %s: %s", update.update_id, device_id, exc.reason)
@@ -219,7 +222,7 @@ class Coordinator:
             metrics=metrics,
         )
         encoded = protocol.encode_global(adapter)
-        used = {uid: (devices[uid], float(result.weights.get(uid, 0.0))) for uid in result.used}
+        used = stored_keys({uid: (devices[uid], float(result.weights.get(uid, 0.0))) for uid in result.used})
         self.store.save_version(adapter, encoded, result.state.residual, used)
         self.current = result.state
         self._publishable = encoded

@@ -1,0 +1,109 @@
+"""The two tiers' shared arithmetic: how a site combines its devices' updates, and how the root
+sees a site update — as its member devices, so fairness and weights stay per device.
+
+Site side (`combine`): the device updates of one base version v (same τ at the root, as AlignFed's
+version-aware grouping requires) become one delta D_site = Σ_i w̃_i D_i, with w̃ the within-site
+weights (convex). Its factors are the stacked members' (rank Σ k_i), cut to the wire's 2r by
+truncated SVD; the cut-off part is the site's error feedback, added to its next site update.
+
+Root side (`client_updates`): a site update with m members enters the strategy as m updates, one
+per member device (its own id and samples), each carrying D_site. Whatever per-update weights
+w_i the root's strategy gives them, the result is Σ_i w_i D_site = W_site · Σ_i w̃_i D_i with
+W_site = Σ_i w_i: the root decides each site's total weight from its devices (samples,
+participation counted per device, staleness), the site only splits it among them. When the site
+splits by the same rule (`weighting` matching the root strategy), that equals the flat federation
+up to the participation window each tier sees (docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from alignfed.lowrank import Factors, Svd, stack
+from alignfed.protocol import AdapterUpdate, Member
+from coordinator.strategies.base import ClientUpdate
+
+_SEP = "@"  # a member's update id at the root: "<member>@<site>@<site update id>"; ids never hold "@"
+
+WEIGHTINGS = ("uniform", "samples")
+
+
+def member_weights(samples: Sequence[int], weighting: str) -> np.ndarray:
+    """Within-site weights w̃ (m,), convex: equal (FedBuff, FedAsync) or by samples (FedAvg, AlignFed γ = 1)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"site weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+    n = np.asarray(samples, dtype=np.float64)
+    if weighting == "samples" and n.sum() > 0:
+        return n / n.sum()
+    return np.full(len(samples), 1.0 / len(samples))
+
+
+def combine(
+    updates: Sequence[AdapterUpdate],
+    weights: Sequence[float],
+    max_rank: int,
+    residual: Mapping[str, Factors],
+) -> tuple[dict[str, Factors], dict[str, Factors]]:
+    """(site delta per layer with rank ≤ max_rank, new residual) of Σ_i w_i D_i + residual.
+
+    D_i = u_i @ v_i: u_i (out, k_i), v_i (k_i, in). The stacked sum has rank ≤ Σ k_i (+ the residual's);
+    its best rank-`max_rank` part goes out, the rest (‖·‖ = the SVD tail) stays for the next one.
+    """
+    if len({u.base_version for u in updates}) != 1:
+        raise ValueError("combine: the updates of one site update must share their base version")
+    deltas: dict[str, Factors] = {}
+    rest: dict[str, Factors] = {}
+    for lid in updates[0].deltas:
+        parts = [
+            Factors(u=u.deltas[lid].u * np.float32(w), v=u.deltas[lid].v) for u, w in zip(updates, weights, strict=True)
+        ]
+        if lid in residual:
+            parts.append(residual[lid])
+        sv = Svd.of_factors(stack(parts))
+        k = min(max_rank, sv.s.size)
+        deltas[lid] = sv.head(k)
+        tail = sv.s[k:]
+        if tail.size and float(tail.max()) > 0:
+            root = np.sqrt(tail)
+            rest[lid] = Factors(
+                u=(sv.u[:, k:] * root).astype(np.float32), v=(root[:, None] * sv.vt[k:]).astype(np.float32)
+            )
+    return deltas, rest
+
+
+def client_updates(update: AdapterUpdate, received_at: float) -> list[ClientUpdate]:
+    """The strategy's view of an update: itself, or one update per member of a site update."""
+    if not update.members:
+        return [ClientUpdate.from_message(update, received_at)]
+    return [
+        ClientUpdate(
+            device_id=m.device_id,
+            update_id=_SEP.join((m.device_id, update.device_id, update.update_id)),
+            base_version=update.base_version,
+            samples=m.samples,
+            deltas=update.deltas,
+            received_at=received_at,
+            train_loss=update.train_loss,
+        )
+        for m in update.members
+    ]
+
+
+def stored_keys(used: Mapping[str, tuple[str, float]]) -> dict[str, tuple[str, float]]:
+    """Map the strategy's used updates (update id -> (device, weight)) to stored rows: a site update's
+    members collapse into its row (site id, summed weight)."""
+    out: dict[str, tuple[str, float]] = {}
+    for uid, (device, weight) in used.items():
+        parts = uid.split(_SEP)
+        if len(parts) == 3:
+            _, site, site_uid = parts
+            out[site_uid] = (site, out.get(site_uid, (site, 0.0))[1] + weight)
+        else:
+            out[uid] = (device, weight)
+    return out
+
+
+def members_of(updates: Sequence[AdapterUpdate], weights: Sequence[float]) -> tuple[Member, ...]:
+    return tuple(Member(u.device_id, u.update_id, u.samples, float(w)) for u, w in zip(updates, weights, strict=True))
