@@ -129,6 +129,12 @@ def _coordinator(args: argparse.Namespace) -> int:
             from coordinator.worker import IngestWorker
 
             IngestWorker(cfg, args.name).run(stop)
+        elif args.action == "site":
+            from coordinator.site import SiteCoordinator, load_site
+
+            if not args.site:
+                raise SystemExit("alignfed coordinator site: --site site.toml is required")
+            SiteCoordinator(cfg, load_site(Path(args.site))).run(stop)
         elif args.action == "aggregator":
             from coordinator.aggregator import Aggregator
 
@@ -268,10 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("coordinator", help="run the coordinator, or register a device")
     c.add_argument(
-        "action", nargs="?", choices=["run", "add-device", "ingest-worker", "aggregator"], default="run"
+        "action", nargs="?", choices=["run", "add-device", "ingest-worker", "aggregator", "site"], default="run"
     )
     c.add_argument("--name", default="w1", help="ingest-worker / aggregator: this process's name (client id suffix)")
     c.add_argument("--config", required=True, help="coordinator.toml")
+    c.add_argument("--site", help="site: site.toml (the site's id and key at the root)")
     c.add_argument("--device-id", help="add-device: id of the new device")
     c.add_argument("--profile", default="x86-laptop", help="add-device: the device's profile name")
     c.add_argument("--mosquitto-passwd", help="add-device: Mosquitto password file to update")

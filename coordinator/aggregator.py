@@ -21,7 +21,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.pgstore import PgStore
 from coordinator.service import Coordinator
 from coordinator.storage import StoreConflict, is_postgres
-from coordinator.tier import client_updates
+from coordinator.tier import client_updates, stored_key
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Aggregator:
                 return
             c = Coordinator(self.cfg, store=self.store)
             self.coordinator = c
-            self._known = {(u.device_id, u.update_id) for u in c.strategy.pending()}
+            self._known = {stored_key(u.device_id, u.update_id) for u in c.strategy.pending()}
             c.transport = Transport(
                 self.cfg.broker,
                 f"{self.cfg.client_id}-aggregator",

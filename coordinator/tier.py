@@ -91,6 +91,12 @@ def client_updates(update: AdapterUpdate, received_at: float) -> list[ClientUpda
     ]
 
 
+def stored_key(device_id: str, update_id: str) -> tuple[str, str]:
+    """(device, update id) of the stored row a strategy's update came from."""
+    parts = update_id.split(_SEP)
+    return (parts[1], parts[2]) if len(parts) == 3 else (device_id, update_id)
+
+
 def stored_keys(used: Mapping[str, tuple[str, float]]) -> dict[str, tuple[str, float]]:
     """Map the strategy's used updates (update id -> (device, weight)) to stored rows: a site update's
     members collapse into its row (site id, summed weight)."""
