@@ -25,7 +25,9 @@ from alignfed.lowrank import Factors, Svd, stack
 from alignfed.protocol import AdapterUpdate, Member
 from coordinator.strategies.base import ClientUpdate
 
-_SEP = "@"  # a member's update id at the root: "<member>@<site>@<site update id>"; ids never hold "@"
+# a member's update id at the root: "<member's update id>@<site>@<site update id>" (a device may have
+# several updates in one site update); ids never hold "@"
+_SEP = "@"
 
 WEIGHTINGS = ("uniform", "samples")
 
@@ -80,7 +82,7 @@ def client_updates(update: AdapterUpdate, received_at: float) -> list[ClientUpda
     return [
         ClientUpdate(
             device_id=m.device_id,
-            update_id=_SEP.join((m.device_id, update.device_id, update.update_id)),
+            update_id=_SEP.join((m.update_id, update.device_id, update.update_id)),
             base_version=update.base_version,
             samples=m.samples,
             deltas=update.deltas,

@@ -60,7 +60,7 @@ def test_two_bridged_sites_fold_every_device_update_into_global_versions(tmp_pat
             strategy={"name": "fedbuff", "k": 1, "server_lr": 1.0},  # sites already buffer
         )
         root_cfg = ccfg.load(root.coordinator_config)
-        profile = fast_profile(tmp_path / "p.toml")
+        profile = fast_profile(tmp_path / "p.toml", duty_cycle=0.1, local_steps=6)  # rounds long enough to see versions
         site_dirs: dict[str, Path] = {}
         edges: list[subprocess.Popen[bytes]] = []
         for s_i, site in enumerate(SITES):
