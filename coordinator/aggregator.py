@@ -107,6 +107,8 @@ class Aggregator:
             log.info("aggregator %s serving federation %r at version %d", self.name, self.cfg.federation,
                      c.current.version)  # fmt: skip
             while not stop.is_set():
+                if not self.store.still_leading():  # the connection that held the lock is gone: step down
+                    raise StoreConflict(f"aggregator {self.name} lost the leader lock")
                 self.step()
                 stop.wait(self.poll_s)
         finally:

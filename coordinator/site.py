@@ -169,6 +169,7 @@ class SiteCoordinator:
         self.clock = clock
         self.transport: Transport | None = None
         self.residual: dict[str, Factors] = {}  # the site's error feedback (kept in memory)
+        self._next_residual: dict[str, Factors] = {}  # what `residual` becomes once a built update is committed
 
     def current_version(self) -> int | None:
         return self.store.latest_version()
@@ -194,7 +195,8 @@ class SiteCoordinator:
         now = self.clock()
         current = self.current_version()
         if current is None:
-            return protocol.Ack(device_id, "", False, "no global version yet: the root has not reached this site", -1)
+            reason = "no global version yet: the root has not reached this site"
+            return protocol.Ack(device_id, _update_id_of(payload, self._payload_limit), False, reason, -1)
         try:
             update = validate(
                 device_id,
@@ -211,7 +213,7 @@ class SiteCoordinator:
             if seen is not None:
                 return protocol.Ack(device_id, seen[0], seen[1], "duplicate", current)
             log.warning("rejected update from %s: %s", device_id, exc.reason)
-            return protocol.Ack(device_id, "", False, exc.reason, current)
+            return protocol.Ack(device_id, _update_id_of(payload, self._payload_limit), False, exc.reason, current)
         seen_rec = self.store.lookup(device_id, update.update_id)
         if seen_rec is not None:
             return protocol.Ack(device_id, update.update_id, seen_rec.status != "rejected", "duplicate", current)
@@ -309,7 +311,8 @@ class SiteCoordinator:
                     ack = self.handle_update(device_id, msg.payload)
                 except Exception as exc:  # one bad message must never stop the site
                     log.exception("update from %s could not be handled", device_id)
-                    ack = protocol.Ack(device_id, "", False, f"internal error: {exc}", -1)
+                    uid = _update_id_of(msg.payload, self._payload_limit)
+                    ack = protocol.Ack(device_id, uid, False, f"internal error: {exc}", -1)
                 self.transport.ack(msg)
                 self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))
                 return
@@ -332,6 +335,14 @@ class SiteCoordinator:
             self.transport.stop()
             self.outbox.close()
             self.store.close()
+
+
+def _update_id_of(payload: bytes, max_bytes: int) -> str:
+    """Best-effort update id of a payload that failed validation, for the reject ack."""
+    try:
+        return protocol.unpack(payload, max_bytes)[1].get("update_id", "")
+    except Exception:
+        return ""
 
 
 def _mean_finite(values: list[float]) -> float:

@@ -157,7 +157,7 @@ def run_demo(opts: DemoOptions) -> None:
             broker.stop()
 
     _say("4/5 what happened")
-    store = Store(cfg.database)
+    store = Store(Path(cfg.database))  # the demo lays out an SQLite store
     _report(store, fed.device_configs, bundle, specs)
     _say(f"5/5 llama.cpp with the final global adapter ({time.monotonic() - started:.0f} s so far)")
     _sample(store, bundle, real)
