@@ -71,3 +71,49 @@ def test_the_root_sees_a_site_update_as_its_member_devices() -> None:
     keys = stored_keys(used)
     assert set(keys) == {"s1", "own"} and keys["s1"][0] == "site-a" and keys["s1"][1] == pytest.approx(0.3)
     assert client_updates(a1, 5.0)[0].update_id == "a1"  # a device's own update is itself
+
+
+@pytest.mark.parametrize("stale", [0, 2])
+def test_under_fedbuff_a_site_tier_gives_the_flat_federations_version(stale: int) -> None:
+    """Decision 19's claim, checked: the same device updates folded flat, or combined by a site
+    (uniform split) and expanded at the root, give the same next adapter."""
+    from alignfed import lora
+    from coordinator.strategies.base import AdapterState
+    from coordinator.strategies.fedbuff import FedBuff
+
+    rng = np.random.default_rng(3)
+    r, out, inp = 2, 6, 5
+    tensors = {}
+    for m in ("q", "v"):
+        tensors[lora.key(0, m, "A")] = rng.normal(0, 0.1, (r, inp)).astype(np.float32)
+        tensors[lora.key(0, m, "B")] = rng.normal(0, 0.1, (out, r)).astype(np.float32)
+    state = AdapterState(version=3 + stale, tensors=tensors, scale=2.0, rank=r)
+
+    def device(uid: str, dev: str, samples: int) -> protocol.AdapterUpdate:
+        deltas = {
+            lid: Factors(u=rng.normal(size=(out, 1)).astype(np.float32), v=rng.normal(size=(1, inp)).astype(np.float32))
+            for lid in ("0.q", "0.v")
+        }
+        return adapter_update(update_id=uid, device_id=dev, base_version=3, samples=samples, deltas=deltas)
+
+    ups = [device("u1", "d1", 4), device("u2", "d2", 8), device("u3", "d1", 20)]  # FedBuff ignores samples
+    flat = FedBuff(k=3, error_feedback=False)
+    for u in ups:
+        flat.add(client_updates(u, 0.0)[0], state.version)
+    w = member_weights([u.samples for u in ups], "uniform")
+    deltas, rest = combine(ups, list(w), max_rank=4, residual={})  # 2r = 4 ≥ the members' rank 3: no cut
+    assert rest == {}
+    site = dataclasses.replace(
+        ups[0], device_id="site-a", update_id="s1", deltas=deltas, members=members_of(ups, list(w))
+    )
+    tiered = FedBuff(k=3, error_feedback=False)
+    for c in client_updates(site, 0.0):
+        tiered.add(c, state.version)
+    a, b = flat.aggregate(state, 1.0), tiered.aggregate(state, 1.0)
+    for lid in ("0.q", "0.v"):
+        np.testing.assert_allclose(
+            lora.product(b.state.tensors, lid, state.scale), lora.product(a.state.tensors, lid, state.scale), atol=1e-5
+        )
+    assert stored_keys({uid: ("x", wt) for uid, wt in b.weights.items()})["s1"][1] == pytest.approx(
+        sum(a.weights.values())
+    )
