@@ -35,6 +35,7 @@ from alignfed.lowrank import Factors
 from alignfed.topics import Topics, check_id
 from alignfed.transport import Message, Transport
 from coordinator.config import CoordinatorConfig
+from coordinator.fairness import ParticipationWindow
 from coordinator.ingest import payload_limit, validate
 from coordinator.store import Store
 from coordinator.tier import WEIGHTINGS, combine, member_weights, members_of
@@ -65,14 +66,16 @@ class SiteConfig:
     k: int = 3  # device updates per site update
     max_wait_s: float = 30.0  # forward fewer than k after this long
     weighting: str = "uniform"  # within-site split: match the root strategy (coordinator/tier.py)
+    window: int = 64  # "fairness": accepted device updates in the site's participation window
     resend_s: float = 10.0  # resend a site update the root has not acked after this long
 
 
 def load_site(path: Path) -> SiteConfig:
     raw = tomlfile.read(path)
-    unknown = sorted(set(raw) - {"id", "key", "k", "max_wait_s", "weighting", "resend_s"})
+    fields = {"id", "key", "k", "max_wait_s", "weighting", "resend_s", "window"}
+    unknown = sorted(set(raw) - fields)
     if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {unknown}; expected id, key, k, max_wait_s, weighting, resend_s")
+        raise ConfigError(f"{path}: unknown field(s) {unknown}; expected some of {sorted(fields)}")
     for name in ("id", "key"):
         if name not in raw:
             raise ConfigError(f"{path}: missing field {name!r}")
@@ -87,8 +90,9 @@ def load_site(path: Path) -> SiteConfig:
         max_wait_s=float(raw.get("max_wait_s", 30.0)),
         weighting=str(raw.get("weighting", "uniform")),
         resend_s=float(raw.get("resend_s", 10.0)),
+        window=int(raw.get("window", 64)),
     )
-    if site.k < 1 or site.max_wait_s <= 0 or site.resend_s <= 0:
+    if site.k < 1 or site.window < 1 or site.max_wait_s <= 0 or site.resend_s <= 0:
         raise ConfigError(f"{path}: need k ≥ 1, max_wait_s > 0 and resend_s > 0; got {site.k}, "
                           f"{site.max_wait_s}, {site.resend_s}")  # fmt: skip
     if site.weighting not in WEIGHTINGS:
@@ -125,6 +129,14 @@ class SiteOutbox:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def recent_devices(self, n: int) -> list[str]:
+        """Device ids of the last `n` accepted device updates, oldest first (the participation window)."""
+        rows = self._db.execute(
+            "SELECT device_id FROM updates WHERE status != 'rejected' ORDER BY received_at DESC, rowid DESC LIMIT ?",
+            (n,),
+        )
+        return [str(r[0]) for r in rows][::-1]
 
     def next_seq(self) -> int:
         return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM site_updates").fetchone()[0])
@@ -170,6 +182,8 @@ class SiteCoordinator:
         self.transport: Transport | None = None
         self.residual: dict[str, Factors] = {}  # the site's error feedback (kept in memory)
         self._next_residual: dict[str, Factors] = {}  # what `residual` becomes once a built update is committed
+        # p_i of AlignFed's fairness, per device, over the site's last accepted device updates (restored)
+        self.window = ParticipationWindow(site.window, self.outbox.recent_devices(site.window))
 
     def current_version(self) -> int | None:
         return self.store.latest_version()
@@ -220,6 +234,7 @@ class SiteCoordinator:
         if update.members:
             return protocol.Ack(device_id, update.update_id, False, "a site takes device updates only", current)
         self.store.record(update, payload, now, status="pending")
+        self.window.record(device_id)
         log.info("site %s accepted update %s from %s (base v%d)", self.site.site_id, update.update_id[:8], device_id,
                  update.base_version)  # fmt: skip
         return protocol.Ack(device_id, update.update_id, True, "accepted", current)
@@ -239,7 +254,9 @@ class SiteCoordinator:
 
     def build(self, group: list[protocol.AdapterUpdate], now: float) -> protocol.AdapterUpdate:
         """One signed site update of device updates sharing a base version."""
-        weights = member_weights([u.samples for u in group], self.site.weighting)
+        weights = member_weights(
+            [u.samples for u in group], self.site.weighting, [u.device_id for u in group], self.window
+        )
         deltas, self._next_residual = combine(group, list(weights), 2 * self.manifest.lora.rank, self.residual)
         losses = [u.train_loss for u in group]
         return protocol.AdapterUpdate(

@@ -23,23 +23,41 @@ import numpy as np
 
 from alignfed.lowrank import Factors, Svd, stack
 from alignfed.protocol import AdapterUpdate, Member
+from coordinator import fairness
+from coordinator.fairness import FairnessParams, ParticipationWindow
 from coordinator.strategies.base import ClientUpdate
 
 # a member's update id at the root: "<member's update id>@<site>@<site update id>" (a device may have
 # several updates in one site update); ids never hold "@"
 _SEP = "@"
 
-WEIGHTINGS = ("uniform", "samples")
+WEIGHTINGS = ("uniform", "samples", "fairness")
 
 
-def member_weights(samples: Sequence[int], weighting: str) -> np.ndarray:
-    """Within-site weights w̃ (m,), convex: equal (FedBuff, FedAsync) or by samples (FedAvg, AlignFed γ = 1)."""
+def member_weights(
+    samples: Sequence[int],
+    weighting: str,
+    devices: Sequence[str] = (),
+    window: ParticipationWindow | None = None,
+    params: FairnessParams | None = None,
+) -> np.ndarray:
+    """Within-site weights w̃ (m,), convex, for updates of one base version.
+
+    "uniform": FedBuff, FedAsync (s(τ)/K is equal within a group). "samples": FedAvg. "fairness":
+    AlignFed's n_i^γ · clip((p̄/p_i)^β) with p counted in the site's participation window; τ and the
+    alignment confidence are the group's, equal for all members, so they drop out of the split.
+    """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"site weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+    m = len(samples)
+    if weighting == "fairness":
+        if len(devices) != m:
+            raise ValueError(f"site weighting 'fairness': {m} updates but {len(devices)} device ids")
+        return fairness.weights(samples, [0] * m, devices, [1.0] * m, window, params or FairnessParams())
     n = np.asarray(samples, dtype=np.float64)
     if weighting == "samples" and n.sum() > 0:
         return n / n.sum()
-    return np.full(len(samples), 1.0 / len(samples))
+    return np.full(m, 1.0 / m)
 
 
 def combine(

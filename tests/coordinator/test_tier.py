@@ -117,3 +117,19 @@ def test_under_fedbuff_a_site_tier_gives_the_flat_federations_version(stale: int
     assert stored_keys({uid: ("x", wt) for uid, wt in b.weights.items()})["s1"][1] == pytest.approx(
         sum(a.weights.values())
     )
+
+
+def test_a_sites_fairness_split_is_the_roots_per_device_split_within_the_site() -> None:
+    """AlignFed's per-device factors n^γ·(p̄/p)^β restricted to one site's members and renormalised do
+    not depend on p̄ (within the clip), so a site's own window splits its share as the root would."""
+    from coordinator import fairness
+
+    params = fairness.FairnessParams(gamma=0.5, beta=1.0, h_min=0.1, h_max=10.0)
+    site_history = ["a1", "a1", "a2", "a3", "a3", "a3"]
+    root = fairness.ParticipationWindow(64, [*site_history, "b1", "b1", "b2", "b3", "b3", "b3", "b3"])
+    devices, samples = ["a1", "a2", "a3", "b1"], [8, 4, 16, 8]
+    flat = fairness.weights(samples, [1] * 4, devices, [0.9] * 4, root, params)  # one group: same τ and c
+    expected = flat[:3] / flat[:3].sum()
+    site = member_weights(samples[:3], "fairness", devices[:3], fairness.ParticipationWindow(64, site_history), params)
+    np.testing.assert_allclose(site, expected, rtol=1e-12)
+    assert not np.allclose(site, member_weights(samples[:3], "samples"))  # participation matters

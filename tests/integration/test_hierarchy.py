@@ -79,7 +79,14 @@ def test_two_bridged_sites_fold_every_device_update_into_global_versions(tmp_pat
             fed = lay_out(tmp_path / site, bundle=tiny_bundle, broker_url=broker.url, devices=specs, federation="fed")
             site_toml = tomlfile.write(
                 tmp_path / site / "site.toml",
-                {"id": site, "key": creds["key"], "k": 3, "max_wait_s": 3.0, "resend_s": 5.0},
+                {
+                    "id": site,
+                    "key": creds["key"],
+                    "k": 3,
+                    "max_wait_s": 3.0,
+                    "resend_s": 5.0,
+                    "weighting": ("uniform", "fairness")[s_i],
+                },  # fmt: skip
             )
             site_dirs[site] = tmp_path / site
             procs.append(
