@@ -86,7 +86,7 @@ def test_two_bridged_sites_fold_every_device_update_into_global_versions(tmp_pat
                     "max_wait_s": 3.0,
                     "resend_s": 5.0,
                     "weighting": ("uniform", "fairness")[s_i],
-                },  # fmt: skip
+                },  # site-b splits as AlignFed would
             )
             site_dirs[site] = tmp_path / site
             procs.append(
