@@ -61,7 +61,7 @@ def member_weights(
 
 
 def combine(
-    updates: Sequence[AdapterUpdate],
+    updates: Sequence[AdapterUpdate | ClientUpdate],
     weights: Sequence[float],
     max_rank: int,
     residual: Mapping[str, Factors],
@@ -97,17 +97,33 @@ def client_updates(update: AdapterUpdate, received_at: float) -> list[ClientUpda
     """The strategy's view of an update: itself, or one update per member of a site update."""
     if not update.members:
         return [ClientUpdate.from_message(update, received_at)]
+    return member_updates(
+        update.members, update.device_id, update.update_id, update.base_version, update.deltas, received_at,
+        update.train_loss,
+    )  # fmt: skip
+
+
+def member_updates(
+    members: Sequence[Member],
+    site: str,
+    site_update_id: str,
+    base_version: int,
+    deltas: Mapping[str, Factors],
+    received_at: float,
+    train_loss: float = float("nan"),
+) -> list[ClientUpdate]:
+    """One strategy update per member device, each carrying the site delta (see the module docstring)."""
     return [
         ClientUpdate(
             device_id=m.device_id,
-            update_id=_SEP.join((m.update_id, update.device_id, update.update_id)),
-            base_version=update.base_version,
+            update_id=_SEP.join((m.update_id, site, site_update_id)),
+            base_version=base_version,
             samples=m.samples,
-            deltas=update.deltas,
+            deltas=deltas,
             received_at=received_at,
-            train_loss=update.train_loss,
+            train_loss=train_loss,
         )
-        for m in update.members
+        for m in members
     ]
 
 
@@ -131,5 +147,5 @@ def stored_keys(used: Mapping[str, tuple[str, float]]) -> dict[str, tuple[str, f
     return out
 
 
-def members_of(updates: Sequence[AdapterUpdate], weights: Sequence[float]) -> tuple[Member, ...]:
+def members_of(updates: Sequence[AdapterUpdate | ClientUpdate], weights: Sequence[float]) -> tuple[Member, ...]:
     return tuple(Member(u.device_id, u.update_id, u.samples, float(w)) for u, w in zip(updates, weights, strict=True))
