@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 # Aggregation and simulation run many mid-sized SVDs, which multi-threaded OpenBLAS makes slower
 # (measured 20x on 2 loaded cores); ONNX Runtime and llama.cpp keep their own thread pools. This
@@ -139,6 +140,8 @@ def _coordinator(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if args.action != "run":
+        return _coordinator_role(args, cfg, stop)
     coordinator = Coordinator(cfg)
     watching = watch(coordinator)  # the [dashboard] page and /metrics; None when off
     try:
@@ -148,6 +151,28 @@ def _coordinator(args: argparse.Namespace) -> int:
     finally:
         if watching is not None:
             watching.stop()
+    return 0
+
+
+def _coordinator_role(args: argparse.Namespace, cfg: Any, stop: Any) -> int:
+    """The scale-out roles: ingest workers on a shared subscription, the elected aggregator, a site."""
+    try:
+        if args.action == "ingest-worker":
+            from coordinator.worker import IngestWorker
+
+            IngestWorker(cfg, args.name).run(stop)
+        elif args.action == "site":
+            from coordinator.site import SiteCoordinator, load_site
+
+            if not args.site:
+                raise SystemExit("alignfed coordinator site: --site site.toml is required")
+            SiteCoordinator(cfg, load_site(Path(args.site))).run(stop)
+        else:
+            from coordinator.aggregator import Aggregator
+
+            Aggregator(cfg, args.name).run(stop)
+    except KeyboardInterrupt:
+        stop.set()
     return 0
 
 
@@ -294,13 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "coordinator",
-        help="run the coordinator, create its broker user (init-broker), add or remove a device",
+        help="run the coordinator (or an ingest worker, the aggregator, a site), create its broker user, "
+        "add or remove a device",
         description="init-broker: create the coordinator's Mosquitto user and ACL (allow_anonymous false) and "
         "store its credentials in the config; add-device / remove-device: issue or revoke a device's key, "
-        "password and ACL block (send Mosquitto SIGHUP afterwards to reload its files).",
+        "password and ACL block (send Mosquitto SIGHUP afterwards to reload its files); ingest-worker / aggregator: "
+        "the scale-out roles on a PostgreSQL store (docs/scale.md); site: a site coordinator (--site site.toml).",
     )
-    c.add_argument("action", nargs="?", choices=["run", "add-device", "remove-device", "init-broker"], default="run")
+    c.add_argument(
+        "action",
+        nargs="?",
+        choices=["run", "add-device", "remove-device", "init-broker", "ingest-worker", "aggregator", "site"],
+        default="run",
+    )
+    c.add_argument("--name", default="w1", help="ingest-worker / aggregator: this process's name (client id suffix)")
     c.add_argument("--config", required=True, help="coordinator.toml")
+    c.add_argument("--site", help="site: site.toml (the site's id and key at the root)")
     c.add_argument("--device-id", help="add-device: id of the new device")
     c.add_argument("--profile", default="x86-laptop", help="add-device: the device's profile name")
     c.add_argument("--mosquitto-passwd", help="Mosquitto password file to update")

@@ -269,6 +269,19 @@ def sign(key: bytes, digest: bytes) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Member:
+    """One device update a site coordinator folded into its site update (hierarchical coordinators).
+
+    `weight` is its share of the site delta (the members' weights sum to 1); `samples` its n_i.
+    """
+
+    device_id: str
+    update_id: str
+    samples: int
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterUpdate:
     """One device's contribution: the change of its adapter product since global `base_version`.
 
@@ -293,6 +306,8 @@ class AdapterUpdate:
     eval_loss: float = math.nan
     quantization: str = "fp32"
     signature: str = ""
+    # a site update: the device updates it combines (empty for a device's own update); signed with the rest
+    members: tuple[Member, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +370,8 @@ def _update_wire(update: AdapterUpdate, quantization: str) -> tuple[dict[str, st
     meta.update({"type": "adapter_update", "wire": WIRE_VERSION, "quantization": quantization})
     if not math.isnan(update.eval_loss):  # optional: absent when the device holds nothing out; inf = diverged
         meta["eval_loss"] = repr(float(update.eval_loss))
+    if update.members:  # absent for device updates, so their bytes and signatures do not change
+        meta["members"] = json.dumps([[m.device_id, m.update_id, m.samples, m.weight] for m in update.members])
     tensors: dict[str, np.ndarray] = {}
     for lid, f in update.deltas.items():
         for part, arr in _quantize(f, quantization).items():
@@ -429,6 +446,7 @@ def decode_update(payload: bytes, max_bytes: int) -> Decoded:
         raise ProtocolError(f"wire version {meta.get('wire')!r}, expected {WIRE_VERSION!r}")
     fields: dict[str, Any] = {name: _field(meta, name, typ) for name, typ in _UPDATE_FIELDS.items()}
     fields["eval_loss"] = _field({"eval_loss": "nan", **meta}, "eval_loss", float)
+    members = _members(meta.get("members"))
     quant = meta.get("quantization", "fp32")
     parts: dict[str, dict[str, np.ndarray]] = {}
     for name, arr in tensors.items():
@@ -449,8 +467,26 @@ def decode_update(payload: bytes, max_bytes: int) -> Decoded:
         if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
             raise ProtocolError(f"layer {lid!r}: factors {list(u.shape)} @ {list(v.shape)} do not chain")
         deltas[lid] = Factors(u=u, v=v)
-    update = AdapterUpdate(**fields, deltas=deltas, quantization=quant, signature=meta.get("signature", ""))
+    update = AdapterUpdate(
+        **fields, deltas=deltas, quantization=quant, signature=meta.get("signature", ""), members=members
+    )
     return Decoded(update=update, digest=_digest(meta, tensors))
+
+
+def _members(raw: str | None) -> tuple[Member, ...]:
+    """Parse the `members` header: a JSON list of [device_id, update_id, samples, weight]."""
+    if raw is None:
+        return ()
+    rows = strict_json(raw.encode(), "header field 'members'")
+    try:
+        members = tuple(Member(str(d), str(u), int(n), float(w)) for d, u, n, w in rows)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ProtocolError(
+            f"header field 'members' is not a list of [device_id, update_id, samples, weight]: {exc}"
+        ) from exc
+    if not members or any(m.samples < 0 or not (math.isfinite(m.weight) and m.weight >= 0) for m in members):
+        raise ProtocolError("header field 'members': expected a non-empty list with samples ≥ 0 and finite weights ≥ 0")
+    return members
 
 
 def encode_global(g: GlobalAdapter) -> bytes:

@@ -6,7 +6,9 @@ because a broker restart may forget them and retained messages replay on subscri
 with QoS 1 waits for the broker's PUBACK, so "published" means the broker has it.
 
 Everything in the payloads is MQTT-version independent (DESIGN.md section 4): the client speaks
-MQTT 3.1.1 so the same code works with Mosquitto, EMQX and the embedded amqtt broker.
+MQTT 3.1.1 so the same code works with Mosquitto, EMQX and the embedded amqtt broker. Ingest
+workers opt into MQTT 5 (`mqtt5=True`) for shared subscriptions (`shared_subscription`), which
+Mosquitto 2, EMQX, HiveMQ and VerneMQ all implement.
 """
 
 from __future__ import annotations
@@ -20,10 +22,21 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from alignfed.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5: how long the broker keeps a persistent session offline
+
+
+def shared_subscription(group: str, topic_filter: str) -> str:
+    """MQTT 5 shared subscription: the broker hands each message to one subscriber of `group`."""
+    if not group or any(c in group for c in "/+#"):
+        raise ConfigError(f"shared subscription group {group!r}: expected a name without '/', '+' or '#'")
+    return f"$share/{group}/{topic_filter}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +75,12 @@ class Transport:
         will: tuple[str, bytes] | None = None,
         clean_session: bool = False,
         manual_ack: bool = False,
+        mqtt5: bool = False,
     ) -> None:
         """`manual_ack`: received QoS 1 messages are acknowledged only by `ack(msg)`, so a message the
         owner has not yet made durable is redelivered by the broker after a crash (the session is
-        persistent unless `clean_session`)."""
+        persistent unless `clean_session`). `mqtt5`: speak MQTT 5 (needed for shared subscriptions);
+        a persistent session then lives `SESSION_EXPIRY_S` after a disconnect."""
         self.broker = broker
         self.messages: queue.Queue[Message] = queue.Queue()
         self.connected = threading.Event()
@@ -73,11 +88,13 @@ class Transport:
         self._lock = threading.Lock()
         self._refused: str | None = None
         self._stopping = False
+        self._clean = clean_session
+        self._mqtt5 = mqtt5
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=clean_session,
-            protocol=mqtt.MQTTv311,
+            clean_session=None if mqtt5 else clean_session,
+            protocol=mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311,
             manual_ack=manual_ack,
         )
         # Large adapters are fine; keep paho's own in-flight window small so acks pace publishing.
@@ -130,7 +147,18 @@ class Transport:
     def start(self, wait: float | None = 10.0) -> None:
         """Connect in the background; with `wait`, block until connected or raise TransportError."""
         try:
-            self._client.connect_async(self._host, self._port, keepalive=self.broker.keepalive)
+            if self._mqtt5:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = 0 if self._clean else SESSION_EXPIRY_S
+                self._client.connect_async(
+                    self._host,
+                    self._port,
+                    keepalive=self.broker.keepalive,
+                    clean_start=self._clean,
+                    properties=props,
+                )
+            else:
+                self._client.connect_async(self._host, self._port, keepalive=self.broker.keepalive)
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot reach broker {self.broker.url}: {exc}") from exc
         self._client.loop_start()

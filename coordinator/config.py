@@ -34,7 +34,7 @@ _CALIBRATION = {"data": Field("data", str, ""), "tokens": Field("tokens", int, 2
 class CoordinatorConfig:
     federation: str
     bundle: Path
-    database: Path
+    database: Path | str  # an SQLite file, or a postgresql:// URL (coordinator/pgstore.py)
     broker: BrokerConfig
     strategy: str = "fedbuff"
     strategy_options: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +60,10 @@ def strategy_options(raw: dict[str, Any], source: str | Path, *, complete: bool 
     return name, check_table(options, spec, source=source, table="strategy", complete=complete)
 
 
+def _database(value: str, rel: Any) -> Path | str:
+    return value if value.startswith(("postgresql://", "postgres://")) else Path(rel(value))
+
+
 def load(path: Path) -> CoordinatorConfig:
     raw = tomlfile.read(path)
     base = Path(path).resolve().parent
@@ -81,7 +85,7 @@ def load(path: Path) -> CoordinatorConfig:
     return CoordinatorConfig(
         federation=check_id(top["federation"], "federation id"),
         bundle=rel(top["bundle"]),
-        database=rel(top.get("database", "coordinator.sqlite")),
+        database=_database(top.get("database", "coordinator.sqlite"), rel),
         broker=BrokerConfig(**broker),
         strategy=name,
         strategy_options=options,

@@ -19,8 +19,8 @@ from alignfed import tomlfile
 from alignfed.errors import ConfigError
 from alignfed.profiles import load_profile
 from alignfed.topics import Topics, check_id
+from coordinator.backend import open_store
 from coordinator.config import CoordinatorConfig
-from coordinator.store import Store
 
 
 def device_acl(topics: Topics, device_id: str) -> str:
@@ -122,7 +122,7 @@ def remove_device(
     """Revoke a device: its key (the coordinator then rejects its updates as from an unknown device),
     its broker password and its ACL block. Returns what was removed, as JSON."""
     check_id(device_id, "device id")
-    store = Store(cfg.database)
+    store = open_store(cfg.database)
     try:
         key = store.remove_device(device_id)
     finally:
@@ -146,7 +146,7 @@ def add_device(
     check_id(device_id, "device id")
     profile_name = load_profile(profile).name  # fail early on an unknown profile
     key = secrets.token_hex(32)
-    store = Store(cfg.database)
+    store = open_store(cfg.database)
     try:
         store.add_device(device_id, key, profile_name)
     finally:

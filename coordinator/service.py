@@ -22,11 +22,13 @@ from alignfed.errors import ConfigError, RejectedUpdate
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport
 from coordinator import strategies
+from coordinator.backend import open_store
 from coordinator.config import CoordinatorConfig, strategy_options
 from coordinator.fairness import jain_index
 from coordinator.ingest import decode, payload_limit, validate
-from coordinator.store import Store
-from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate, Strategy
+from coordinator.storage import CoordinatorStore
+from coordinator.strategies.base import AdapterState, Aggregation, Strategy
+from coordinator.tier import client_updates, stored_keys
 from dashboard import feed
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class Coordinator:
         strategy: Strategy | Callable[[], Strategy] | None = None,
         clock: Callable[[], float] = time.time,
         observer: feed.Observer | None = None,
+        store: CoordinatorStore | None = None,
     ) -> None:
         """`strategy`: the strategy, or a function that builds a fresh one (default: from the config).
         A fresh one is needed to isolate and quarantine an update whose aggregation keeps failing."""
@@ -55,7 +58,7 @@ class Coordinator:
         self._payload_limit = payload_limit(cfg.limits, self.manifest)
         mf.verify(cfg.bundle, self.manifest)
         self.bundle = mf.bundle_digest(self.manifest)
-        self.store = Store(cfg.database)
+        self.store = store or open_store(cfg.database)  # the elected aggregator passes its own
         self.clock = clock
         self.transport: Transport | None = None
         self.staleness: Counter[int] = Counter()
@@ -142,7 +145,8 @@ class Coordinator:
         for payload, received_at in self.store.pending():
             update = protocol.decode_update(payload, self._payload_limit).update
             try:
-                self.strategy.add(ClientUpdate.from_message(update, received_at), self.current.version)
+                for client in client_updates(update, received_at):  # a site update: one per member device
+                    self.strategy.add(client, self.current.version)
                 restored += 1
             except RejectedUpdate as exc:
                 self.store.reject_pending(update.device_id, update.update_id, exc.reason)
@@ -187,11 +191,12 @@ class Coordinator:
             # a payload that did not decode may still carry its id in a readable header
             update_id = decoded.update.update_id if decoded is not None else _update_id_of(payload, self._payload_limit)
             return protocol.Ack(device_id, update_id, False, exc.reason, self.current.version)
-        client = ClientUpdate.from_message(update, now)
+        clients = client_updates(update, now)  # a site update enters as its member devices (coordinator/tier.py)
         # Durable first: a crash between here and the strategy replays it from the store on restart.
         self.store.record(update, payload, now, status="pending")
         try:
-            self.strategy.add(client, self.current.version)
+            for client in clients:
+                self.strategy.add(client, self.current.version)
         except RejectedUpdate as exc:
             self.store.reject_pending(device_id, update.update_id, exc.reason)
             log.warning("strategy rejected update %s from %s: %s", update.update_id, device_id, exc.reason)
@@ -237,7 +242,7 @@ class Coordinator:
             metrics=metrics,
         )
         encoded = protocol.encode_global(adapter)
-        used = {uid: (devices[uid], float(result.weights.get(uid, 0.0))) for uid in result.used}
+        used = stored_keys({uid: (devices[uid], float(result.weights.get(uid, 0.0))) for uid in result.used})
         self.store.save_version(adapter, encoded, result.state.residual, used)
         self.current = result.state
         self._publishable = encoded

@@ -286,7 +286,7 @@ def _federate(s: Setup, opts: DemoOptions, strategy: str, step: str) -> Outcome:
             watching.stop()
     return Outcome(
         strategy,
-        cfg.database,
+        Path(cfg.database),  # the demo lays out an SQLite store
         time.monotonic() - started,
         {sp.device_id: sp.data.stem.split("-", 2)[-1] for sp in s.specs},
         {sp.device_id: Path(sp.profile).stem for sp in s.specs},

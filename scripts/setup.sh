@@ -16,6 +16,13 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
 fi
+# PostgreSQL: the shared store of parallel ingest (tests start their own cluster with initdb + pg_ctl).
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    echo "== installing postgresql (apt-get)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
 # llama-cpp-python builds from source: it needs a C++ compiler and cmake.
 if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
     echo "== installing build tools (apt-get)"
@@ -40,12 +47,12 @@ echo "== creating $VENV and installing alignfed with all extras (llama-cpp-pytho
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # A portable llama.cpp build: the cached wheel must run on every machine of this kind.
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VENV/bin/python" -m pip install -q -e ".[edge,coordinator,export,sim,dashboard,dev]"
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VENV/bin/python" -m pip install -q -e ".[edge,coordinator,export,sim,dashboard,postgres,dev]"
 # Guard against a plain `onnxruntime` sneaking in beside the training package (it breaks training).
 if "$VENV/bin/python" -m pip show onnxruntime >/dev/null 2>&1; then
     echo "error: plain onnxruntime is installed beside onnxruntime-training-cpu; remove it" >&2
     exit 1
 fi
-"$VENV/bin/python" -c "import onnxruntime.training.api, llama_cpp, paho.mqtt, gguf, tokenizers" 
+"$VENV/bin/python" -c "import onnxruntime.training.api, llama_cpp, paho.mqtt, gguf, tokenizers, psycopg" 
 touch "$stamp"
 echo "== ready: $VENV"

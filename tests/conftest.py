@@ -23,6 +23,7 @@ REQUIRED_MODULES = (
     "torch",
     "transformers",
     "hypothesis",
+    "psycopg",
 )
 
 
@@ -85,3 +86,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             funcs += [d.func for defs in info.name2fixturedefs.values() for d in defs]
         if any(f is not None and _exports(f) for f in funcs):
             item.add_marker(pytest.mark.bundle)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[str]:
+    """A PostgreSQL server's admin URL: the machine's, or one started for this session."""
+    from tests.support.postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_admin: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    from tests.support.postgres import fresh_database
+
+    with fresh_database(postgres_admin) as url:
+        yield url
