@@ -108,3 +108,19 @@ def test_a_fresh_machine_gets_its_own_cluster() -> None:
                 assert db.execute("SELECT current_setting('port')").fetchone() == (str(cluster.port),)
     finally:
         cluster.stop()
+
+
+def test_quarantine_and_device_removal_work_on_postgres_too(postgres_url: str) -> None:
+    """The coordinator's quarantine (an aggregation that keeps failing) and remove-device on PgStore."""
+    store = PgStore(postgres_url)
+    store.add_device("dev-1", "00" * 32, "x86-laptop")
+    store.record(adapter_update(), b"p1", 1.0, status="pending")
+    store.quarantine("dev-1", "u1", "quarantined: aggregation failed 3 times")
+    assert store.pending() == []
+    (row,) = store.quarantined()
+    assert (row["device_id"], row["update_id"]) == ("dev-1", "u1")
+    assert row["reason"] == "quarantined: aggregation failed 3 times"
+    assert store.lookup("dev-1", "u1").status == "quarantined"  # type: ignore[union-attr]
+    assert store.remove_device("dev-1") and not store.remove_device("dev-1")
+    assert store.device_key("dev-1") is None
+    store.close()
