@@ -442,7 +442,7 @@ def _answers(s: Setup, final: protocol.GlobalAdapter, label: str) -> list[tuple[
 
 def _block(text: str, limit: int = 400) -> str:
     shown = text if len(text) <= limit else text[:limit] + " …"
-    return textwrap.indent(shown or "(empty)", "        | ")
+    return textwrap.indent(shown or "(empty)", "        | ", lambda line: True)
 
 
 # -- entry point ----------------------------------------------------------------------------------
