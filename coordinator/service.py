@@ -335,6 +335,7 @@ class Coordinator:
                 f"internal error: {exc}",
                 self.current.version,
             )
+            self._emit(feed.UpdateReceived(self.clock(), device_id, False, ack.reason, len(msg.payload)))
         # The update is in SQLite now: only then tell the broker it may forget the message.
         self.transport.ack(msg)
         self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))

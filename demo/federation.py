@@ -36,7 +36,7 @@ from demo.chat import ChatFormat
 from demo.local import DeviceSpec, lay_out
 from demo.tasks import Task, tasks
 
-HELD_OUT = 16  # held-out examples per task: the before/after eval loss
+HELD_OUT = 8  # held-out examples per task: the before/after eval loss
 SEQ_LEN = 128  # training row length on the real model (a GSM8K example in the chat format fits)
 ANSWER_TOKENS = 96
 
@@ -418,7 +418,8 @@ def _answers(s: Setup, final: protocol.GlobalAdapter, label: str) -> list[tuple[
     m = mf.load(s.bundle)
     path = write_lora_gguf(s.work / f"final-adapter-{label}.gguf", final.tensors, m.architecture, m.lora)
     out = []
-    with Generator(s.bundle / mf.BASE_GGUF, n_ctx=512, n_threads=2) as gen:
+    # one thread: on a busy machine llama.cpp's spinning worker threads slow it down many times over
+    with Generator(s.bundle / mf.BASE_GGUF, n_ctx=512, n_threads=1) as gen:
         for task in s.tasks:
             prompt = s.chat.prompt(task.prompt)
             gen.set_adapter(None)
@@ -441,7 +442,7 @@ def _answers(s: Setup, final: protocol.GlobalAdapter, label: str) -> list[tuple[
 
 def _block(text: str, limit: int = 400) -> str:
     shown = text if len(text) <= limit else text[:limit] + " …"
-    return textwrap.indent(shown or "(empty)", "        | ")
+    return textwrap.indent(shown or "(empty)", "        | ", lambda line: True)
 
 
 # -- entry point ----------------------------------------------------------------------------------

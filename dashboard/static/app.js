@@ -53,6 +53,7 @@
     }
     if (opts.yValues) config.axes = [config.axes ? config.axes[0] : {}, { size: 70, values: (u, vs) => vs.map(opts.yValues) }];
     if (opts.bars) {
+      config.scales.y = { range: (u, min, max) => [0, Math.max(1, max) * 1.15] }; // bars stand on zero
       config.series[1].paths = uPlot.paths.bars({ size: [0.6, 60] });
       config.series[1].points = { show: false };
     }
