@@ -94,6 +94,7 @@ def _export(args: argparse.Namespace) -> int:
         quantization=args.quant,
         seed=args.seed,
         gguf_quant=args.gguf_quant,
+        calibration=Path(args.calibration) if args.calibration else None,
     )
     print(_export_summary(Path(args.out), time.monotonic() - start))
     if args.check is not None:
@@ -247,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize the GGUF inference base with llama.cpp (HF sources; a GGUF source keeps its own type)",
     )
     e.add_argument("--seed", type=int, default=0, help="seed of the LoRA initialisation")
+    e.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration set stored in the bundle for AlignFed's alignment: representative text "
+        "(.jsonl/.json/plain text, as device data; at most 1024 examples kept); default: the "
+        "built-in generated corpora",
+    )
     e.add_argument(
         "--check",
         nargs="?",

@@ -96,7 +96,7 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     s.add_argument("--target-loss", type=float, help="time-to-target threshold (default: fedavg's final eval loss)")
     s.add_argument("--calibration-tokens", type=int, default=256, help="AlignFed calibration tokens n (default 256)")
-    s.add_argument("--calibration-data", help="AlignFed calibration text (default: the built-in corpora)")
+    s.add_argument("--calibration-data", help="AlignFed calibration text (default: the calibration set in the bundle)")
 
     t = p.add_argument_group("virtual time and cost")
     t.add_argument("--horizon", type=float, default=3600.0, help="virtual seconds per run (default 3600)")
