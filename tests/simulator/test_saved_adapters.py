@@ -35,11 +35,13 @@ def run(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     add_simulate_parser(parser.add_subparsers(dest="command"))
     out = work / "report"
     args = parser.parse_args(
-        ["simulate", "--bundle", str(tiny_bundle), "--devices", "3", "--classes", "2", "--local-steps", "2"]
-        + ["--batch", "2", "--seq-len", "16", "--lr", "0.05", "--strategies", "fedbuff,fedasync", "--horizon", "8"]
-        + ["--max-versions", "4", "--eval-examples", "3", "--train-examples", "12", "--eval-seq-len", "24"]
-        + ["--trainer", "batched", "--no-progress", "--out", str(out), "--save-adapters", "--save-every", "2"]
-        + ["--perplexity", str(text)]
+        [
+            *("simulate", "--bundle", str(tiny_bundle), "--devices", "3", "--classes", "2", "--local-steps", "2"),
+            *("--batch", "2", "--seq-len", "16", "--lr", "0.05", "--strategies", "fedbuff,fedasync", "--horizon", "8"),
+            *("--max-versions", "4", "--eval-examples", "3", "--train-examples", "12", "--eval-seq-len", "24"),
+            *("--trainer", "batched", "--no-progress", "--out", str(out), "--save-adapters", "--save-every", "2"),
+            *("--perplexity", str(text)),
+        ]
     )
     assert args.fn(args) == 0
     return out, text
@@ -77,9 +79,10 @@ def test_perplexity_through_llama_cpp_matches_the_network(run: tuple[Path, Path]
     from runtime.llama import Generator
     from simulator.perplexity import token_windows
 
-    out, text = run
+    out, _ = run
     table = (out / "perplexity.md").read_text()
-    got = {m[0]: float(m[1]) for m in re.findall(r"^\| (base model|fedbuff|fedasync) \| \d+ \| [\d.]+ \| ([\d.]+) \|", table, re.M)}
+    row = r"^\| (base model|fedbuff|fedasync) \| \d+ \| [\d.]+ \| ([\d.]+) \|"
+    got = {m[0]: float(m[1]) for m in re.findall(row, table, re.M)}
     assert set(got) == {"base model", "fedbuff", "fedasync"}
     torch = import_torch()
     m = mf.load(tiny_bundle)
