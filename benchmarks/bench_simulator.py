@@ -1,6 +1,6 @@
 """Simulated device-steps per wall second: today's ORT trainer vs the batched PyTorch trainer.
 
-    python benchmarks/bench_simulator.py [--bundle DIR] [--devices 8] [--classes 4] [--batch 2]
+    python benchmarks/bench_simulator.py [--bundle DIR] [--data NAME=PATH ...] [--devices 8] [--classes 4] [--batch 2]
         [--seq-len 64] [--local-steps 1] [--horizon 6] [--repeats 2] [--parts train,simulate]
 
 Side by side in one process, the same bundle, fleet, data, batch and thread count (1), the two
@@ -30,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
+from simulator.domains import parse_spec
 from simulator.engine import SimulationConfig
 from simulator.experiment import run_variant
 from simulator.fleet import FleetConfig
@@ -77,6 +78,7 @@ def simulate_rate(bed: Testbed, cfg: SimulationConfig, k: int) -> tuple[float, i
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, help="bundle folder (default: the tiny test model)")
+    ap.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="as `alignfed simulate --data`")
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--batch", type=int, default=2)
@@ -97,6 +99,7 @@ def main() -> int:
             cfg = TestbedConfig(
                 bundle=bundle,
                 fleet=FleetConfig(devices=args.devices, classes=args.classes, overrides=overrides),
+                data=tuple(parse_spec(spec) for spec in args.data),
                 eval_examples=8,
                 train_examples=64,
                 trainer=kind,

@@ -150,6 +150,7 @@ def test_a_reserved_position_breaks_ties_as_if_pushed_then() -> None:
 
 def test_simulation_on_the_batched_trainer_matches_ort(testbed: Testbed, tiny_bundle: Path) -> None:
     """Same rounds, same versions, same staleness on both trainers; several devices share passes."""
+    from simulator.events import to_csv
     from simulator.experiment import run_variant
     from simulator.variants import standard_variant
     from tests.simulator.conftest import make_sim_config, make_testbed_config
@@ -166,6 +167,10 @@ def test_simulation_on_the_batched_trainer_matches_ort(testbed: Testbed, tiny_bu
         return [(e.kind, e.device, e.version, e.staleness) for e in run.events]
 
     assert story(batched_run) == story(ort_run)
+    again = run_variant(
+        standard_variant("fedbuff", devices=len(batched_bed.devices), k=2), batched_bed, make_sim_config()
+    )
+    assert to_csv([("b", again.events)]) == to_csv([("b", batched_run.events)])  # deterministic for a seed
     assert batched_run.versions == ort_run.versions > 0
     assert batched_run.curve[-1].mean == pytest.approx(ort_run.curve[-1].mean, rel=1e-4)
     trainer = batched_bed.trainer
