@@ -12,6 +12,8 @@ import argparse
 import csv
 from pathlib import Path
 
+import pytest
+
 from simulator import report
 from simulator.cli import add_simulate_parser
 from simulator.variants import VARIANT_NAMES
@@ -20,6 +22,13 @@ SMALL = (
     *("--devices", "4", "--local-steps", "1", "--batch", "2", "--seq-len", "16", "--eval-examples", "3"),
     *("--train-examples", "12", "--eval-seq-len", "24", "--calibration-tokens", "24", "--no-progress"),
 )
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PNG plots are tested with the report (test_experiment.py); drawn after every variant,
+    they would cost most of these runs' time, so here they are not drawn."""
+    monkeypatch.setattr(report, "write_plots", lambda *_: [])
 
 
 def simulate(argv: list[str]) -> list[dict[str, str]]:
@@ -44,11 +53,11 @@ def test_long_horizon_every_variant(tiny_bundle: Path, tmp_path: Path) -> None:
 
 def test_strong_drift_alignment_on_and_off(tiny_model: Path, tmp_path: Path) -> None:
     """Experiment 2: LoRA on all seven projections, larger rank, a class 20× slower, τ up to 32."""
-    from alignfed.cli import main
+    from export.bundle import export_bundle
 
-    bundle = tmp_path / "bundle"
-    targets = "q,k,v,o,gate,up,down"
-    assert main(["export", "--model", str(tiny_model), "--out", str(bundle), "--targets", targets, "--rank", "8"]) == 0
+    bundle = tmp_path / "bundle"  # `alignfed export --targets q,k,v,o,gate,up,down --rank 8` (no GGUF: not served)
+    targets = ("q", "k", "v", "o", "gate", "up", "down")
+    export_bundle(tiny_model, bundle, targets=targets, rank=8, alpha=16.0, seed=0, write_gguf=False)
     slow = tmp_path / "slow.toml"
     laptop = Path(__file__).resolve().parents[2] / "firmware_profiles" / "x86-laptop.toml"
     slow.write_text(
@@ -61,7 +70,7 @@ def test_strong_drift_alignment_on_and_off(tiny_model: Path, tmp_path: Path) -> 
         [
             *("--bundle", str(bundle), "--profiles", f"{slow},{laptop}", "--classes", "2", "--lr", "0.02"),
             *("--strategies", "alignfed,alignfed-no-alignment", "--set", "alignfed.tau_max=32"),
-            *("--horizon", "30", "--max-versions", "6", "--trainer", "batched", "--out", str(tmp_path / "drift")),
+            *("--horizon", "4", "--max-versions", "3", "--trainer", "batched", "--out", str(tmp_path / "drift")),
         ]
     )
     by = {r["variant"]: r for r in rows}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,11 @@ HELD_OUT = "\n\n".join(
 
 
 @pytest.fixture(scope="module")
-def run(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def run(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    from simulator import report
+
+    patch = pytest.MonkeyPatch()  # no PNG plots: tested with the report, slow to draw
+    patch.setattr(report, "write_plots", lambda *_: [])
     work = tmp_path_factory.mktemp("saved")
     text = work / "held_out.txt"
     text.write_text(HELD_OUT)
@@ -43,8 +48,11 @@ def run(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
             *("--perplexity", str(text)),
         ]
     )
-    assert args.fn(args) == 0
-    return out, text
+    try:
+        assert args.fn(args) == 0
+    finally:
+        patch.undo()
+    yield out, text
 
 
 def test_final_and_every_nth_adapter_are_saved(run: tuple[Path, Path], tiny_bundle: Path) -> None:
