@@ -132,7 +132,14 @@ def test_wrong_adapter_is_refused(bundle: Path) -> None:
 
 
 def test_unknown_trainer_is_refused(bundle: Path) -> None:
-    from simulator.testbed import TestbedConfig
+    import argparse
+
+    from simulator.cli import add_simulate_parser
+    from simulator.testbed import TRAINERS, TestbedConfig
+
+    parser = argparse.ArgumentParser()
+    sim = add_simulate_parser(parser.add_subparsers())
+    assert tuple(next(a for a in sim._actions if a.dest == "trainer").choices or ()) == TRAINERS
 
     with pytest.raises(ConfigError, match="trainer must be one of ort, batched"):
         TestbedConfig(bundle=bundle, trainer="gpu")
