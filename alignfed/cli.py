@@ -95,6 +95,7 @@ def _export(args: argparse.Namespace) -> int:
         gguf_quant=args.gguf_quant,
         graph=args.graph,
         write_gguf=not args.no_gguf,
+        calibration=Path(args.calibration) if args.calibration else None,
     )
     print(_export_summary(Path(args.out), time.monotonic() - start))
     if args.check is not None:
@@ -307,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-gguf", action="store_true", help="skip gguf/base.gguf (the bundle cannot serve with llama.cpp)"
     )
     e.add_argument("--list", action="store_true", help="print the supported model families and what is tested")
+    e.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration set stored in the bundle for AlignFed's alignment: representative text "
+        "(.jsonl/.json/plain text, as device data; at most 1024 examples kept); default: the "
+        "built-in generated corpora",
+    )
     e.add_argument(
         "--check",
         nargs="?",

@@ -50,6 +50,12 @@ def texts(domain: str, n: int, seed: int) -> list[str]:
     return [format_record(rec, f"built-in corpus {domain!r}") for rec in records(domain, n, seed)]
 
 
+def mixed_texts(per_domain: int, seed: int) -> list[str]:
+    """`per_domain` texts of every domain, interleaved (arithmetic, code, prose, arithmetic, ...)."""
+    per = [texts(d, per_domain, seed + i) for i, d in enumerate(DOMAINS)]
+    return [text for group in zip(*per, strict=True) for text in group]
+
+
 def write_domain(path: Path, domain: str, n: int, seed: int) -> Path:
     """The records as a JSONL file, for programs that take a data file (devices, the demo)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ OPTIMIZER_MODEL = f"{TRAIN_DIR}/{OPTIMIZER_FILE}"
 CHECKPOINT = f"{TRAIN_DIR}/{CHECKPOINT_FILE}"
 ADAPTER_INIT = "train/adapter_init.safetensors"  # the LoRA tensors every federation starts from
 CALIB_MODEL = "calib/calib_model.onnx"
+CALIB_DATA = "calib/calibration.jsonl"  # the calibration set chosen at export: {"text": ...} per line
 
 # Frozen base projections inside the bundle's ONNX models (export/onnx_graph.py), by HF weight
 # name `hf`: fp32 `{hf}.T` (in, out); int8 `{hf}.T.int8` (in, out) with per-output `{hf}.scale`
@@ -108,6 +109,8 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     tokenizer: dict[str, Any] = field(default_factory=dict)  # bos/eos/pad ids, chat template
     gguf_quantization: str = "F32"
+    # the calibration set in the bundle: {"file": CALIB_DATA, "sha256", "source", "examples"}; {} = none
+    calibration: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -161,6 +164,7 @@ class Manifest:
                 files=dict(raw.get("files", {})),
                 tokenizer=dict(raw.get("tokenizer", {})),
                 gguf_quantization=raw.get("gguf_quantization", "F32"),
+                calibration=dict(raw.get("calibration", {})),
                 schema_version=raw["schema_version"],
             )
         except (KeyError, TypeError, ValueError) as exc:

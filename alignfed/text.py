@@ -1,13 +1,17 @@
 """Local training data: JSONL / JSON / plain text in, fixed-shape token batches out.
 
 Accepted records: `{"text": ...}`, instruction data `{"instruction", "input", "output"}` (Alpaca,
-CodeAlpaca) and `{"question", "answer"}` (GSM8K). Tokenization uses the bundle's tokenizer.json
-through the `tokenizers` package, so devices never need transformers.
+CodeAlpaca) and `{"question", "answer"}` (GSM8K). Plain text in its usual raw form (WikiText,
+books, notes) holds one example per paragraph: lines holding only whitespace separate paragraphs.
+Tokenization uses the bundle's tokenizer.json through the `tokenizers` package, so devices never
+need transformers; an example longer than the sequence length is cut into windows of that length
+(a whole raw document in one paragraph becomes many rows, not one truncated row).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,7 @@ import numpy as np
 from alignfed.errors import TrainingError
 
 IGNORE = -100  # label value the loss skips (padding)
+PARAGRAPH_BREAK = re.compile(r"\n[^\S\n]*\n")  # a line holding only whitespace (or nothing)
 
 
 def format_record(rec: dict[str, Any], where: str) -> str:
@@ -35,7 +40,7 @@ def format_record(rec: dict[str, Any], where: str) -> str:
 
 
 def load_texts(path: Path) -> list[str]:
-    """Read training texts from a .jsonl, .json (array) or plain-text file (blank-line separated)."""
+    """Read training texts from a .jsonl, .json (array) or plain-text file (one text per paragraph)."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"training data {path} does not exist")
@@ -59,10 +64,22 @@ def load_texts(path: Path) -> list[str]:
             raise TrainingError(f"{path}: expected a JSON array of records")
         out = [format_record(r, f"{path}[{i}]") for i, r in enumerate(records)]
     else:
-        out = [p.strip() for p in text.split("\n\n") if p.strip()]
+        out = paragraphs(text)
     if not out:
         raise TrainingError(f"{path}: no training examples found")
     return out
+
+
+def paragraphs(text: str) -> list[str]:
+    """The paragraphs of a plain text: runs of lines between lines holding only whitespace."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return [p.strip() for p in PARAGRAPH_BREAK.split(text) if p.strip()]
+
+
+def windows(ids: list[int], seq_len: int) -> list[list[int]]:
+    """`ids` cut into consecutive windows of `seq_len` tokens; a last window of one token is dropped
+    (it predicts nothing)."""
+    return [ids[s : s + seq_len] for s in range(0, len(ids), seq_len) if len(ids[s : s + seq_len]) >= 2]
 
 
 def hold_out(texts: list[str], n: int, seed: int) -> tuple[list[str], list[str]]:
@@ -93,7 +110,8 @@ class Batch:
 
 
 class Batcher:
-    """Tokenizes once, then yields random fixed-shape batches forever (seeded)."""
+    """Tokenizes once (each example plus EOS, cut into `seq_len` windows: one row each), then yields
+    random fixed-shape batches forever (seeded)."""
 
     def __init__(
         self, texts: list[str], tokenizer_path: Path, *, batch: int, seq_len: int, eos_id: int, seed: int
@@ -104,9 +122,7 @@ class Batcher:
         self.batch, self.seq_len = batch, seq_len
         self.rows: list[np.ndarray] = []
         for enc in tok.encode_batch(texts, add_special_tokens=False):
-            ids = [*enc.ids, eos_id][:seq_len]
-            if len(ids) >= 2:
-                self.rows.append(np.asarray(ids, dtype=np.int64))
+            self.rows.extend(np.asarray(w, dtype=np.int64) for w in windows([*enc.ids, eos_id], seq_len))
         if not self.rows:
             raise TrainingError("no example has at least 2 tokens")
         self.eos_id = eos_id

@@ -139,8 +139,15 @@ class CalibrationRunner:
         threads: int = 1,
     ) -> CalibrationRunner:
         """The runner of `bundle`, on examples from `data` (JSONL / JSON / text, as edge data) or, when
-        None, on the built-in corpora. `tokens` is n, the calibration positions kept per layer."""
+        None, on the calibration set the bundle carries (`mf.CALIB_DATA`, chosen at export), or on the
+        built-in corpora for a bundle without one. `tokens` is n, the calibration positions kept per layer."""
         bundle = Path(bundle)
+        carried = bundle / mf.CALIB_DATA
+        if data is None and carried.is_file():
+            expected = manifest.files.get(mf.CALIB_DATA)
+            if expected is not None and mf.sha256_file(carried) != expected:
+                raise BundleError(f"{carried}: sha256 differs from the manifest's; re-export the bundle")
+            data = carried
         if data is None:
             texts = builtin_texts(seed)
         else:

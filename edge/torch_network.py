@@ -112,15 +112,23 @@ class TorchNetwork:
         """(D,) mean token loss of each adapter's rows.
 
         input_ids, labels: (D·B, T) int64, rows grouped by adapter; params: canonical key ->
-        (D, r, in) for A, (D, out, r) for B (torch tensors on `self.device`).
+        (D, r, in) for A, (D, out, r) for B (torch tensors on `self.device`). Two savings change
+        no loss and no gradient: trailing columns no row labels are dropped, and the LM head
+        (the largest matmul on small models: V × H per position) runs only at labelled positions.
         """
         torch, a, w = self._torch, self.arch, self.w
-        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64)).to(self.device)  # (N, T)
-        lab = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)  # (N, T)
+        labels = np.asarray(labels, dtype=np.int64)
         d = next(iter(params.values())).shape[0]
-        n, t = ids.shape
+        n = labels.shape[0]
         if n % d:
             raise TrainingError(f"{n} rows cannot be split evenly over {d} adapters")
+        # Columns after the last labelled one change no loss (attention is causal): drop them.
+        used = np.flatnonzero((labels != -100).any(axis=0))
+        t = max(2, int(used[-1]) + 1 if used.size else 2)
+        ids = torch.from_numpy(np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64)[:, :t])).to(self.device)
+        target = labels[:, 1:t]  # (N, T−1): position t predicts t + 1
+        keep = np.flatnonzero(target.reshape(-1) != -100)  # labelled positions: the only logits needed
+        owner = torch.from_numpy((keep // ((t - 1) * (n // d))).astype(np.int64)).to(self.device)  # adapter per kept
         cos, sin = self.cos[:t], self.sin[:t]  # (T, hd)
         future = torch.arange(t, device=self.device)[None, :] > torch.arange(t, device=self.device)[:, None]
         mask = torch.where(future, torch.finfo(torch.float32).min, 0.0)  # (T, T): key after query
@@ -129,14 +137,16 @@ class TorchNetwork:
             p = f"model.layers.{i}."
             h = h + self._attention(self._rms(h, w[p + "input_layernorm.weight"]), i, cos, sin, mask, params)
             h = h + self._mlp(self._rms(h, w[p + "post_attention_layernorm.weight"]), i, params)
-        h = self._rms(h, w["model.norm.weight"])[:, :-1].reshape(-1, a.hidden)  # (N·(T−1), H): t predicts t + 1
+        h = self._rms(h, w["model.norm.weight"])[:, :-1].reshape(-1, a.hidden)  # (N·(T−1), H)
+        rows = torch.from_numpy(keep).to(self.device)
         head = w["model.embed_tokens.weight"] if a.tie_embeddings else w["lm_head.weight"]  # (V, H)
-        target = lab[:, 1:].reshape(-1)  # (N·(T−1),)
-        logits = (h.to(self.compute) @ head.T).float()  # (N·(T−1), V)
-        each = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="none")
-        each = each.reshape(d, -1)  # (D, B·(T−1))
-        counted = (target != -100).reshape(d, -1).sum(dim=1)  # (D,)
-        return each.sum(dim=1) / counted  # NaN for an adapter without labelled tokens, as ORT's mean
+        gold = torch.from_numpy(target.reshape(-1)[keep]).to(self.device)  # (K,)
+        each = torch.nn.functional.cross_entropy(
+            (h[rows].to(self.compute) @ head.T).float(), gold, reduction="none"
+        )  # (K,): the head in the compute dtype, the loss in fp32
+        total = torch.zeros(d, dtype=each.dtype, device=self.device).index_add(0, owner, each)  # (D,)
+        counted = torch.bincount(owner, minlength=d).to(each.dtype)  # (D,)
+        return total / counted  # NaN for an adapter without labelled tokens, as ORT's mean
 
     def _place(self, t: Any) -> Any:
         """A frozen base tensor on the device: matrices (2-D) in the compute dtype, vectors fp32."""

@@ -21,6 +21,7 @@ from alignfed import atomic, lora
 from alignfed import manifest as mf
 from alignfed.errors import ConfigError, ExportError
 from alignfed.manifest import Architecture, LoraLayout, Manifest
+from export.calibration_set import write_calibration_set
 from export.families import GraphChoice, graph_for
 from export.onnx_graph import PROTO_LIMIT, QUANTIZATIONS, Quantization, build_model, lora_shapes
 from export.reader import open_source
@@ -127,6 +128,7 @@ def export_bundle(
     write_gguf: bool | None = True,
     gguf_quant: str = F32,
     graph: GraphChoice = "auto",
+    calibration: Path | None = None,
 ) -> Manifest:
     """Export a HF Llama / Qwen2 folder or a `.gguf` file to a bundle in `out_dir`; return its manifest.
 
@@ -134,6 +136,8 @@ def export_bundle(
     llama.cpp). `gguf_quant` ("F32", "Q8_0", "Q4_1", "Q4_K_M", ...) applies to HF sources; a GGUF
     source is copied with its own quantization. `graph` picks the ONNX builder (`export.families`):
     "auto" is the hand-written graph for llama / qwen2 and the traced one for the other families.
+    `calibration` is the calibration set's text file (None: the built-in generated corpora; see
+    `export.calibration_set`).
     """
     from tqdm import tqdm
 
@@ -181,6 +185,7 @@ def export_bundle(
             calib = build_model(arch, weights, layout, {}, mode="calib", quantization=quantization)
         save_onnx(calib, out_dir / mf.CALIB_MODEL)
         del calib, weights
+        calibration_entry = write_calibration_set(out_dir, calibration)
         bar.update()
 
         bar.set_postfix_str(steps[3])
@@ -203,6 +208,7 @@ def export_bundle(
             files=_bundle_files(out_dir),
             tokenizer=dict(source.tokenizer_info),
             gguf_quantization=gguf_type,
+            calibration=calibration_entry,
         )
         mf.save(out_dir, manifest)
         bar.update()

@@ -109,7 +109,7 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     s.add_argument("--target-loss", type=float, help="time-to-target threshold (default: fedavg's final eval loss)")
     s.add_argument("--calibration-tokens", type=int, default=256, help="AlignFed calibration tokens n (default 256)")
-    s.add_argument("--calibration-data", help="AlignFed calibration text (default: the built-in corpora)")
+    s.add_argument("--calibration-data", help="AlignFed calibration text (default: the calibration set in the bundle)")
 
     t = p.add_argument_group("virtual time and cost")
     t.add_argument("--horizon", type=float, default=3600.0, help="virtual seconds per run (default 3600)")
@@ -175,6 +175,20 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--gsm8k-problems", type=int, default=20, help="problems to score (default 20)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="simulation-report", help="report folder (default ./simulation-report)")
+    o.add_argument(
+        "--save-adapters",
+        action="store_true",
+        help="write each variant's final global adapter to OUT/adapters/VARIANT/final.{safetensors,gguf} "
+        "(the .gguf is a llama.cpp LoRA for the bundle's GGUF base)",
+    )
+    o.add_argument("--save-every", type=int, default=0, help="with --save-adapters: also every N-th version")
+    o.add_argument(
+        "--perplexity",
+        metavar="FILE",
+        help="score the final adapters (saved as with --save-adapters) and the bare base on this held-out "
+        "text through llama.cpp; writes OUT/perplexity.md",
+    )
+    o.add_argument("--perplexity-tokens", type=int, default=4096, help="positions scored (default 4096)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     o.add_argument(
         "--dashboard",
@@ -238,7 +252,14 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
         attack=args.attack,
     )
     variants = select_variants([args.strategies], devices=args.devices, k=args.k, overrides=args.set)
-    return testbed, ExperimentConfig(variants=tuple(variants), simulation=simulation, target_loss=args.target_loss)
+    save = args.save_adapters or bool(args.perplexity)
+    return testbed, ExperimentConfig(
+        variants=tuple(variants),
+        simulation=simulation,
+        target_loss=args.target_loss,
+        save_adapters=Path(args.out) / "adapters" if save else None,
+        save_every=args.save_every,
+    )
 
 
 class _Bar:
@@ -305,6 +326,20 @@ def simulate_main(args: argparse.Namespace, accuracy: AccuracyHook | None = None
         )
     if files.plots_skipped:
         print(files.plots_skipped)
+    if result.saved:
+        print(f"adapters: {out / 'adapters'} (safetensors + llama.cpp GGUF LoRA per variant)", flush=True)
+    if args.perplexity:
+        from simulator.perplexity import markdown, score_adapters
+
+        rows = score_adapters(
+            Path(args.bundle),
+            Path(args.perplexity),
+            {name: s.gguf for name, s in result.saved.items()},
+            max_tokens=args.perplexity_tokens,
+        )
+        (out / "perplexity.md").write_text(markdown(rows, Path(args.perplexity)))
+        for r in rows:
+            print(f"perplexity {r.model:24} {r.perplexity:10.3f}  ({r.tokens} tokens)", flush=True)
     print(f"report: {files.markdown}", flush=True)
     return 0
 

@@ -9,11 +9,11 @@ devices. Per device:
 
 - A round's result depends only on its start adapter, the device's batches (drawn when it starts)
   and, with `optimizer="device"`, the device's own optimizer moments — nothing that happens while
-  it trains changes it. So started rounds wait, and are trained together, in one
-  `trainer.train_many` call, just before the clock reaches the earliest moment one of them could
-  end (its start + training time): the batched trainer steps them all in one pass per step. Each
-  arrival keeps the queue position it would have had if pushed at its start, so the event log is
-  that of training each round when it starts.
+  it trains changes it. So started rounds wait, and are trained together in one
+  `trainer.train_many` call just before the clock reaches the earliest moment one of them could
+  arrive (start + training time + link latency); the batched trainer steps them all in one pass
+  per step. Each arrival keeps the queue position it would have had if pushed at its start, so
+  the event log is that of training each round when it starts.
 - Asynchronous strategies: the next round starts right after the upload (plus the duty-cycle
   rest), from the newest global the device has received. Synchronous runs (`fedavg`): the device
   waits until it has received a version newer than the one it last trained on.
@@ -182,6 +182,7 @@ class _Round:
     batches: list[Batch]
     index: int  # the device's round number
     order: int
+    earliest: float  # its arrival comes no sooner: start + training + the upload of an empty payload
 
 
 @dataclass(slots=True)
@@ -270,7 +271,7 @@ class Simulation:
         self._publish(self.current, 0.0, metrics={})
         while not self._done:
             due = self.queue.next_time()
-            if self._started and (due is None or due >= min(r.start + r.train_s for r in self._started)):
+            if self._started and (due is None or due >= min(r.earliest for r in self._started)):
                 self._train_started()  # an arrival may now come before the next event
                 continue
             if due is None or due > self.cfg.horizon_s:
@@ -356,9 +357,9 @@ class Simulation:
             raise RuntimeError(f"simulation: version {dev.received} held by {dev.device.device_id} was pruned")
         self._log(Event(now, "start", dev.device.device_id, version=base.version))
         batches = list(self._batches(dev, p.local_steps))
-        self._started.append(
-            _Round(dev.device.device_id, base, now, train_s, batches, dev.rounds, self.queue.reserve())
-        )
+        earliest = now + train_s + self.cfg.timing.upload_s(p, 0)
+        order = self.queue.reserve()
+        self._started.append(_Round(dev.device.device_id, base, now, train_s, batches, dev.rounds, order, earliest))
         dev.last_base = base.version
         dev.rounds += 1
         self.result.rounds += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from alignfed.errors import ConfigError
@@ -20,6 +21,7 @@ from simulator.accuracy import AccuracyHook
 from simulator.engine import Simulation, SimulationConfig, VersionHistory
 from simulator.events import Event
 from simulator.metrics import RunResult, Summary, summarize
+from simulator.saved_adapters import SavedAdapter, SavingHistory, save_final, variant_dir
 from simulator.testbed import Testbed
 from simulator.variants import Variant
 
@@ -38,6 +40,8 @@ class ExperimentConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     target_loss: float | None = None  # None: the final eval loss of `reference`
     reference: str = "fedavg"
+    save_adapters: Path | None = None  # write final (and every save_every-th) global adapters here
+    save_every: int = 0
 
     def __post_init__(self) -> None:
         names = [v.name for v in self.variants]
@@ -53,6 +57,7 @@ class ExperimentResult:
     runs: list[RunResult]  # in the order of the config's variants
     target: float | None
     summaries: list[Summary]
+    saved: dict[str, SavedAdapter] = field(default_factory=dict)  # variant -> its final adapter's files
 
 
 def make_strategy(variant: Variant, testbed: Testbed, history: VersionHistory) -> Strategy:
@@ -73,8 +78,22 @@ def run_variant(
     accuracy: AccuracyHook | None = None,
     progress: Progress | None = None,
     on_event: Callable[[Event, RunResult], None] | None = None,
+    save_to: Path | None = None,
+    save_every: int = 0,
 ) -> RunResult:
-    history = VersionHistory(testbed.initial)
+    """One variant's run; with `save_to`, every `save_every`-th version is written as it is made
+    (`simulator.saved_adapters`) — the final one is the caller's to save."""
+    history = (
+        SavingHistory(
+            testbed.initial,
+            variant_dir(save_to, variant.name),
+            every=save_every,
+            variant=variant.name,
+            manifest=testbed.manifest,
+        )
+        if save_to is not None
+        else VersionHistory(testbed.initial)
+    )
     strategy = make_strategy(variant, testbed, history)
     sim = Simulation(
         variant.name,
@@ -107,16 +126,31 @@ def run_experiment(
     grows: a long experiment interrupted halfway keeps the variants it finished)."""
     order = sorted(config.variants, key=lambda v: v.name != config.reference)  # the reference first
     runs: dict[str, RunResult] = {}
+    saved: dict[str, SavedAdapter] = {}
     target = config.target_loss
 
     def so_far() -> ExperimentResult:
         ordered = [runs[v.name] for v in config.variants if v.name in runs]
-        return ExperimentResult(runs=ordered, target=target, summaries=[summarize(r, target) for r in ordered])
+        return ExperimentResult(
+            runs=ordered, target=target, summaries=[summarize(r, target) for r in ordered], saved=dict(saved)
+        )
 
     for v in order:
         bar = progress(v.name, config.simulation.horizon_s) if progress is not None else None
         sink = events(v.name) if events is not None else None  # e.g. the dashboard, one variant at a time
-        runs[v.name] = run_variant(v, testbed, config.simulation, accuracy=accuracy, progress=bar, on_event=sink)
+        runs[v.name] = run_variant(
+            v,
+            testbed,
+            config.simulation,
+            accuracy=accuracy,
+            progress=bar,
+            on_event=sink,
+            save_to=config.save_adapters,
+            save_every=config.save_every,
+        )
+        final = runs[v.name].final
+        if config.save_adapters is not None and final is not None:
+            saved[v.name] = save_final(final, config.save_adapters, variant=v.name, manifest=testbed.manifest)
         if target is None and v.name == config.reference and runs[v.name].curve:
             target = runs[v.name].curve[-1].mean
         if on_variant is not None and len(runs) < len(order):

@@ -37,7 +37,7 @@ class TestbedConfig:
     train_examples: int = 256  # training examples per domain (at most; 0 = all)
     eval_seq_len: int = 64
     calibration_tokens: int = 256
-    calibration_data: Path | None = None  # None: the built-in corpora
+    calibration_data: Path | None = None  # None: the bundle's calibration set (built-in corpora if none)
     threads: int = 1  # ORT intra-op threads for training, evaluation and calibration
     seed: int = 0
     trainer: str = "ort"  # one of TRAINERS
