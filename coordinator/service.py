@@ -248,7 +248,9 @@ class Coordinator:
         self._publishable = encoded
         self.last_metrics = metrics
         log.info("version %d from %d updates", adapter.version, len(result.used))
-        self._emit_version(adapter, tuple(devices[uid] for uid in result.used), took, now)
+        self._emit_version(
+            adapter, tuple(devices[uid] for uid in result.used), took, now, result.timings.get("alignment")
+        )
         return adapter
 
     # -- observer (the dashboard) ----------------------------------------------------------------
@@ -261,13 +263,18 @@ class Coordinator:
                 log.exception("the observer failed on %s", type(event).__name__)
 
     def _emit_version(
-        self, adapter: protocol.GlobalAdapter, devices: tuple[str, ...], took: float | None, at: float
+        self,
+        adapter: protocol.GlobalAdapter,
+        devices: tuple[str, ...],
+        took: float | None,
+        at: float,
+        aligning: float | None = None,
     ) -> None:
         m = adapter.metrics
         self._emit(
             feed.VersionPublished(
                 at, adapter.version, adapter.parent_version, adapter.strategy, devices,
-                len(self._publishable), took, m.get("alignment_seconds"), m.get("alignment_residual", {}),
+                len(self._publishable), took, aligning, m.get("alignment_residual", {}),
                 m.get("jain_index"),
             )
         )  # fmt: skip

@@ -161,6 +161,7 @@ class AlignFed(BufferedStrategy):
                 cache_dtype=cache_dtype,
             )
         self._state_of = state_of
+        self._aligned_s = 0.0  # host seconds the last aggregation spent aligning (`timings`)
         self._states: dict[int, AdapterState] = {}
         self._window = fair.ParticipationWindow(cfg.window)
         self._round: _Round | None = None  # what `prepare` found, for `weights` and `describe`
@@ -268,7 +269,7 @@ class AlignFed(BufferedStrategy):
                         rnd.layer_rhos.setdefault(lid, []).append(r)
             info.setdefault("confidence", 1.0)
             rnd.groups.append(info)
-        rnd.seconds = time.perf_counter() - aligning
+        self._aligned_s = time.perf_counter() - aligning
         self._round = rnd
         return deltas
 
@@ -290,6 +291,9 @@ class AlignFed(BufferedStrategy):
         # 4. happened in the base: M_{t+1} = s·B_t A_t + η Σ w_i D′_i, re-factorized with error feedback
         self.remember(state)
 
+    def timings(self) -> dict[str, float]:
+        return {"alignment": self._aligned_s}
+
     def describe(self, updates: Sequence[ClientUpdate], taus: Sequence[int], weights: list[float]) -> dict[str, Any]:
         rnd = self._round if self._round is not None else _Round(trigger="k", conf=[])
         self._round = None
@@ -302,7 +306,6 @@ class AlignFed(BufferedStrategy):
             "staleness_histogram": dict(sorted(Counter(taus).items())),
             "groups": rnd.groups,
             "alignment_residual": {lid: float(np.mean(r)) for lid, r in sorted(rnd.layer_rhos.items())},
-            "alignment_seconds": rnd.seconds,
             "jain_index": fair.jain_index(counts.values()),
             "shares": fair.shares(counts),
             "forward_passes": self._aligner.cache.forward_passes if self._aligner else 0,
@@ -331,4 +334,3 @@ class _Round:
     conf: list[float]  # c_v per update, 1 when not aligned
     groups: list[dict[str, Any]] = field(default_factory=list)
     layer_rhos: dict[str, list[float]] = field(default_factory=dict)
-    seconds: float = 0.0  # wall time of the alignment stage

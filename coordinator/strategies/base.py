@@ -74,6 +74,9 @@ class Aggregation:
     used: tuple[str, ...]  # update ids folded into this version
     weights: Mapping[str, float]  # update id -> normalised weight
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    # host seconds of its stages ("alignment"), for the operator's dashboard; never part of the
+    # published adapter, whose bytes a simulation on a virtual clock must not take from the host
+    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 class Strategy(ABC):

@@ -97,6 +97,7 @@ class BufferedStrategy(Strategy):
             used=tuple(u.update_id for u in updates),
             weights={u.update_id: w for u, w in zip(updates, robust.weights, strict=True)},
             metrics=metrics,
+            timings=self.timings(),
         )
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -127,6 +128,10 @@ class BufferedStrategy(Strategy):
 
     def commit(self, updates: Sequence[ClientUpdate], taus: Sequence[int], state: AdapterState) -> None:
         """Record history once the new state exists (never before: a failed aggregation changes nothing)."""
+
+    def timings(self) -> dict[str, float]:
+        """Host seconds of this aggregation's stages (`Aggregation.timings`)."""
+        return {}
 
     def describe(self, updates: Sequence[ClientUpdate], taus: Sequence[int], weights: list[float]) -> dict[str, Any]:
         """Metrics of the aggregation (the base adds residual and robust ones)."""

@@ -73,7 +73,7 @@ def test_a_byzantine_update_is_signed_with_the_devices_own_key(five: Testbed) ->
     got = []
     for sim in (hostile, clean):
         dev = sim.devices[device]
-        started = _Round(device, five.initial, 0.0, 1.0, [], 0, 0)
+        started = _Round(device, five.initial, 0.0, 1.0, [], 0, 0, 1.0)
         _, payload = sim._encode_round(dev, started, trained, 0.0)
         decoded = protocol.decode_update(payload, 1 << 24)
         assert decoded.verify(dev.key)  # the coordinator's signature check passes

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from alignfed.profiles import PROFILE_DIR
 from simulator import report
 from simulator.cli import add_simulate_parser
 from simulator.variants import VARIANT_NAMES
@@ -59,7 +60,7 @@ def test_strong_drift_alignment_on_and_off(tiny_model: Path, tmp_path: Path) -> 
     targets = ("q", "k", "v", "o", "gate", "up", "down")
     export_bundle(tiny_model, bundle, targets=targets, rank=8, alpha=16.0, seed=0, write_gguf=False)
     slow = tmp_path / "slow.toml"
-    laptop = Path(__file__).resolve().parents[2] / "firmware_profiles" / "x86-laptop.toml"
+    laptop = PROFILE_DIR / "x86-laptop.toml"
     slow.write_text(
         laptop.read_text()
         .replace('name = "x86-laptop"', 'name = "slow"')
