@@ -90,8 +90,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        res = child_export(*rest) if kind == "export" else child_train(rest[0], int(rest[1]))
-        print(json.dumps(res))
+        figures = child_export(*rest) if kind == "export" else child_train(rest[0], int(rest[1]))
+        print(json.dumps(figures))
         return
 
     if args.model:

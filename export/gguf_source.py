@@ -34,6 +34,8 @@ from alignfed.manifest import Architecture
 from export import gguf_base, hf_layout, hf_source
 from export.source import ModelSource
 
+GGUF_SOURCE_FAMILIES = ("llama", "qwen2")  # GGUF files this reader turns into a bundle
+
 # GGUF key (after `{arch}.`) -> HF config field; read into a config dict that hf_source validates.
 HPARAMS: dict[str, str] = {
     "block_count": "num_hidden_layers",
@@ -90,7 +92,9 @@ def architecture(fields: Mapping[str, Any], tensor_names: set[str], path: Path) 
     if fields.get("general.type", "model") != "model":
         raise ExportError(f"{path}: general.type is {fields.get('general.type')!r}, expected 'model' (a base model)")
     arch_name = fields.get("general.architecture")
-    by_arch = {spec.arch: family for family, spec in GGUF_FAMILIES.items()}
+    # Read as Llama's layout: only the families of the hand-written graph (the traced ones need
+    # their HF config.json and tensor layout, which a GGUF does not carry in that form).
+    by_arch = {spec.arch: family for family, spec in GGUF_FAMILIES.items() if family in GGUF_SOURCE_FAMILIES}
     if arch_name not in by_arch:
         raise ExportError(
             f"{path}: general.architecture {arch_name!r} is not supported; supported: {', '.join(sorted(by_arch))}"
