@@ -75,6 +75,7 @@ def write(path: Path, doc: Mapping[str, Any], mode: int = 0o600) -> Path:
 # ---------------------------------------------------------------------------------------------
 # the typed loader
 
+
 class _Required:
     def __repr__(self) -> str:
         return "REQUIRED"

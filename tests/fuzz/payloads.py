@@ -59,8 +59,8 @@ def real_update(
         for lid, (o, i) in shapes.items()
     }  # fmt: skip
     update = protocol.AdapterUpdate(
-        device_id, uid or f"{seed:032x}", seed + 1, base_version, bundle, samples, 2, 1.5, 0.25, "x86-laptop", 1.7e9, deltas,
-        eval_loss=2.0,
+        device_id, uid or f"{seed:032x}", seed + 1, base_version, bundle, samples, 2, 1.5, 0.25, "x86-laptop", 1.7e9,
+        deltas, eval_loss=2.0,
     )  # fmt: skip
     return protocol.encode_update(update, key, quantization, codec)
 
