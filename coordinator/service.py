@@ -59,7 +59,8 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`strategy`: the strategy, or a function that builds a fresh one (default: from the config).
-        A fresh one is needed to isolate and quarantine an update whose aggregation keeps failing."""
+        Fresh ones isolate and quarantine an update whose aggregation keeps failing; given a ready
+        strategy, those are built from the config."""
         self.cfg = cfg
         self.topics = Topics(cfg.federation)
         self.manifest = mf.load(cfg.bundle)
@@ -322,7 +323,7 @@ class Coordinator:
         # The update is in SQLite now: only then tell the broker it may forget the message.
         self.transport.ack(msg)
         self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))
-        self._aggregate_and_publish()
+        self.aggregate_step()
 
     def aggregate_step(self) -> protocol.GlobalAdapter | None:
         """Aggregate if ready and not backing off after a failure; publish when connected.
@@ -383,9 +384,6 @@ class Coordinator:
             self.transport.publish(self.topics.global_status, protocol.encode_status(self.status()), retain=True)
         return list(culprits)
 
-    def _aggregate_and_publish(self) -> None:
-        self.aggregate_step()
-
     def publish_global(self) -> None:
         assert self.transport is not None
         self.transport.publish(self.topics.global_adapter, self._publishable, retain=True, timeout=60)
@@ -408,7 +406,7 @@ class Coordinator:
                 if msg is not None:
                     self.dispatch(msg)
                 else:  # time-triggered aggregation
-                    self._aggregate_and_publish()
+                    self.aggregate_step()
         finally:
             self.transport.publish(
                 self.topics.global_status, protocol.encode_status({"state": "offline"}), retain=True, timeout=2
