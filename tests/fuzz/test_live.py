@@ -33,6 +33,7 @@ from tests.support.hostile import HOSTILE_JSON_MESSAGES, HOSTILE_TENSOR_MESSAGES
 pytestmark = pytest.mark.integration
 
 FED = "fuzz"
+WINDOW = 1000  # messages a fuzzer may have outstanding; Mosquitto queues 10,000 per client here
 REJECTED_GLOBAL = re.compile(
     r"ERROR edge.daemon: (ignoring (?!malformed ack).*|global adapter v\d+ is for bundle .*)$", re.M
 )
@@ -120,10 +121,16 @@ def test_device_survives_hostile_retained_globals_and_a_storm_of_bad_messages(
         )
         globals_ = list(HOSTILE_TENSOR_MESSAGES.values()) + [p for _, p in corpus(other.globals, CASES, seed=11) if p]
         acks = list(HOSTILE_JSON_MESSAGES.values()) + [p for _, p in corpus(s.acks + s.globals, CASES, seed=12)]
-        for p in globals_:
-            assert fuzzer.publish(topics.global_adapter, p)
-        for p in acks:
-            assert fuzzer.publish(topics.ack("dev-f"), p)
+        # in windows, as real senders are paced: the broker queues at most max_queued_messages
+        # for a slow client and drops the rest
+        for start in range(0, max(len(globals_), len(acks)), WINDOW // 2):
+            for p in globals_[start : start + WINDOW // 2]:
+                assert fuzzer.publish(topics.global_adapter, p)
+            for p in acks[start : start + WINDOW // 2]:
+                assert fuzzer.publish(topics.ack("dev-f"), p)
+            done = 1 + min(len(globals_), start + WINDOW // 2)  # + the retained one
+            wait_for(lambda done=done: len(REJECTED_GLOBAL.findall(log.read_text(errors="replace"))) >= done,
+                     120, f"{done} globals handled")  # fmt: skip
         settle(log, REJECTED_GLOBAL, 120)
         phase("storm")
         assert edge.poll() is None, log.read_text()[-3000:]
@@ -211,14 +218,19 @@ def test_coordinator_answers_every_update_with_a_reason_over_mqtt(
         wait_for(lambda: (m_ := fuzzer.get(timeout=0.2)) is not None and m_.topic == topics.global_status, 60,
                  "the coordinator to come up")  # fmt: skip
         started = time.monotonic()
-        for p in payloads:
-            assert fuzzer.publish(topics.update("dev-f"), p)
         acks: list[protocol.Ack] = []
         deadline = time.monotonic() + 60 + len(payloads) * 0.05
-        while len(acks) < len(payloads) and time.monotonic() < deadline:
-            msg = fuzzer.get(timeout=1.0)
-            if msg is not None and msg.topic == topics.ack("dev-f"):
-                acks.append(protocol.decode_ack(msg.payload))
+
+        def collect(until: int) -> None:
+            while len(acks) < until and time.monotonic() < deadline:
+                msg = fuzzer.get(timeout=1.0)
+                if msg is not None and msg.topic == topics.ack("dev-f"):
+                    acks.append(protocol.decode_ack(msg.payload))
+
+        for i, p in enumerate(payloads):
+            collect(i - WINDOW)  # at most WINDOW unanswered, as a device's max_outbox paces it
+            assert fuzzer.publish(topics.update("dev-f"), p)
+        collect(len(payloads))
         seconds = time.monotonic() - started
         assert len(acks) == len(payloads), f"{len(payloads) - len(acks)} updates were not answered"
         assert coord.poll() is None, log.read_text()[-3000:]
