@@ -190,7 +190,7 @@ def unpack(payload: bytes, max_bytes: int) -> tuple[dict[str, np.ndarray], dict[
         count = math.prod(shape)  # ≤ MAX_DIM ** MAX_DIMS: exact Python integers, no overflow
         if not 0 <= start <= end <= len(data) or end - start != count * dtype.itemsize:
             raise ProtocolError(
-                f"tensor {name!r}: shape {list(shape)} and offsets [{start}, {end}] do not fit the data "
+                f"tensor {_short(name)}: shape {list(shape)} and offsets [{start}, {end}] do not fit the data "
                 f"({len(data)} bytes)"
             )
         tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
@@ -210,19 +210,21 @@ def _is_int(value: object) -> bool:
 def _tensor_entry(name: str, info: object) -> tuple[np.dtype[Any], tuple[int, ...], tuple[int, int]]:
     """(dtype, shape, offsets) of one header entry, every field type- and range-checked."""
     if not isinstance(info, dict):
-        raise ProtocolError(f"tensor {name!r}: header entry is a JSON {_kind(info)}, expected an object")
+        raise ProtocolError(f"tensor {_short(name)}: header entry is a JSON {_kind(info)}, expected an object")
     dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
-        raise ProtocolError(f"tensor {name!r}: dtype {_short(dtype_name)}; expected one of {', '.join(_DTYPES)}")
+        raise ProtocolError(f"tensor {_short(name)}: dtype {_short(dtype_name)}; expected one of {', '.join(_DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
         raise ProtocolError(
-            f"tensor {name!r}: shape {_short(shape)}; expected a list of integers in [0, {MAX_DIM}], "
+            f"tensor {_short(name)}: shape {_short(shape)}; expected a list of integers in [0, {MAX_DIM}], "
             f"at most {MAX_DIMS} of them"
         )
     if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # numpy refuses such shapes even when empty
-        raise ProtocolError(f"tensor {name!r}: shape {_short(shape)} has more than {MAX_ELEMENTS} elements")
+        raise ProtocolError(f"tensor {_short(name)}: shape {_short(shape)} has more than {MAX_ELEMENTS} elements")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) and 0 <= x < _INT64 for x in offsets):
-        raise ProtocolError(f"tensor {name!r}: data_offsets {_short(offsets)}; expected two integers [start, end]")
+        raise ProtocolError(
+            f"tensor {_short(name)}: data_offsets {_short(offsets)}; expected two integers [start, end]"
+        )
     return _DTYPES[dtype_name], tuple(shape), (offsets[0], offsets[1])
 
 
@@ -398,7 +400,7 @@ def _quantize(f: Factors, quantization: str) -> dict[str, np.ndarray]:
         qu_t, su = quantize_rows(np.asarray(f.u).T)
         qu = np.ascontiguousarray(qu_t.T)
     else:
-        raise ProtocolError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+        raise ProtocolError(f"unknown quantization {_short(quantization)}; expected one of {', '.join(QUANTIZATIONS)}")
     qv, sv = quantize_rows(f.v)
     return {"u": qu, "u_scale": su, "v": qv, "v_scale": sv}
 
@@ -407,13 +409,13 @@ def _dequantize(lid: str, p: Mapping[str, np.ndarray], quantization: str) -> Fac
     if quantization == "fp32":
         return Factors(u=p["u"].astype(np.float32), v=p["v"].astype(np.float32))
     if quantization not in QUANTIZATIONS:
-        raise ProtocolError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
+        raise ProtocolError(f"unknown quantization {_short(quantization)}; expected one of {', '.join(QUANTIZATIONS)}")
     per_column = quantization == "int8c"
     u_scales = p["u"].shape[1] if per_column else p["u"].shape[0]
     for part, n, what in (("u", u_scales, "column" if per_column else "row"), ("v", p["v"].shape[0], "row")):
         if p[f"{part}_scale"].shape != (n,):
             raise ProtocolError(
-                f"layer {lid!r}: {part}_scale has shape {list(p[f'{part}_scale'].shape)}, "
+                f"layer {_short(lid)}: {part}_scale has shape {list(p[f'{part}_scale'].shape)}, "
                 f"expected [{n}] (one per {what} of {part})"
             )
     u = dequantize_rows(p["u"].T, p["u_scale"]).T if per_column else dequantize_rows(p["u"], p["u_scale"])
@@ -441,9 +443,9 @@ def decode_update(payload: bytes, max_bytes: int) -> Decoded:
     """Decode an update; raises ProtocolError naming the first problem found. Does not verify."""
     tensors, meta = unpack(payload, max_bytes)
     if meta.get("type") != "adapter_update":
-        raise ProtocolError(f"message type is {meta.get('type')!r}, expected 'adapter_update'")
+        raise ProtocolError(f"message type is {_short(meta.get('type'))}, expected 'adapter_update'")
     if meta.get("wire") != WIRE_VERSION:
-        raise ProtocolError(f"wire version {meta.get('wire')!r}, expected {WIRE_VERSION!r}")
+        raise ProtocolError(f"wire version {_short(meta.get('wire'))}, expected {WIRE_VERSION!r}")
     fields: dict[str, Any] = {name: _field(meta, name, typ) for name, typ in _UPDATE_FIELDS.items()}
     fields["eval_loss"] = _field({"eval_loss": "nan", **meta}, "eval_loss", float)
     members = _members(meta.get("members"))
@@ -453,7 +455,7 @@ def decode_update(payload: bytes, max_bytes: int) -> Decoded:
         lid, _, part = name[len("delta.") :].rpartition(".")
         if not name.startswith("delta.") or not lid or part not in _PARTS or arr.ndim != _PARTS[part]:
             raise ProtocolError(
-                f"unexpected tensor {name!r} with shape {list(arr.shape)}; expected delta.<layer>.u|v (2-D) "
+                f"unexpected tensor {_short(name)} with shape {list(arr.shape)}; expected delta.<layer>.u|v (2-D) "
                 "or delta.<layer>.u_scale|v_scale (1-D)"
             )
         parts.setdefault(lid, {})[part] = arr
@@ -462,10 +464,10 @@ def decode_update(payload: bytes, max_bytes: int) -> Decoded:
         try:
             f = _dequantize(lid, p, quant)
         except KeyError as exc:
-            raise ProtocolError(f"layer {lid!r}: tensor {exc.args[0]!r} is missing") from exc
+            raise ProtocolError(f"layer {_short(lid)}: tensor {_short(exc.args[0])} is missing") from exc
         u, v = f.u, f.v
         if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[0]:
-            raise ProtocolError(f"layer {lid!r}: factors {list(u.shape)} @ {list(v.shape)} do not chain")
+            raise ProtocolError(f"layer {_short(lid)}: factors {list(u.shape)} @ {list(v.shape)} do not chain")
         deltas[lid] = Factors(u=u, v=v)
     update = AdapterUpdate(
         **fields, deltas=deltas, quantization=quant, signature=meta.get("signature", ""), members=members

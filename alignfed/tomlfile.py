@@ -50,14 +50,12 @@ def _scalar(value: Any) -> str:
     raise ConfigError(f"cannot write {type(value).__name__} value {value!r} to TOML")
 
 
-def dumps(doc: Mapping[str, Any]) -> str:
+def dumps(doc: Mapping[str, Any], prefix: str = "") -> str:
+    """TOML text of scalars, lists and (nested) tables: a table inside [a] is written [a.b]."""
     top = [f"{k} = {_scalar(v)}" for k, v in doc.items() if not isinstance(v, Mapping)]
-    tables = []
-    for name, table in doc.items():
-        if isinstance(table, Mapping):
-            body = "\n".join(f"{k} = {_scalar(v)}" for k, v in table.items())
-            tables.append(f"[{name}]\n{body}")
-    return "\n\n".join(["\n".join(top), *tables]) + "\n"
+    tables = [dumps(table, f"{prefix}{name}.") for name, table in doc.items() if isinstance(table, Mapping)]
+    head = [f"[{prefix[:-1]}]\n" + "\n".join(top)] if prefix else ["\n".join(top)]
+    return "\n\n".join([*head, *(t.rstrip("\n") for t in tables)]) + "\n"
 
 
 def write(path: Path, doc: Mapping[str, Any], mode: int = 0o600) -> Path:
@@ -74,6 +72,7 @@ def write(path: Path, doc: Mapping[str, Any], mode: int = 0o600) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # the typed loader
+
 
 class _Required:
     def __repr__(self) -> str:
@@ -101,7 +100,11 @@ def _accepts(kind: Any) -> bool:
         return any(_accepts(a) for a in typing.get_args(kind) if a is not type(None))
     if origin is list:
         return _accepts((typing.get_args(kind) or (Any,))[0])
-    return kind in (int, float, str, bool, Path) or kind is Any
+    return kind in (int, float, str, bool, Path) or kind is Any or _is_dataclass(kind)
+
+
+def _is_dataclass(kind: Any) -> bool:
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
 
 
 def _describe(kind: Any) -> str:
@@ -112,6 +115,8 @@ def _describe(kind: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(kind) if a is not type(None) and _accepts(a))
     if origin is list:
         return f"a list of ({_describe((typing.get_args(kind) or (Any,))[0])})"
+    if _is_dataclass(kind):
+        return f"a table of {', '.join(f'{n} ({_describe(f.kind)})' for n, f in fields_of(kind).items())}"
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path (string)"}
     return names.get(kind, "a value")
 
@@ -142,6 +147,16 @@ def _convert(value: Any, kind: Any) -> Any:
         return [_convert(v, (typing.get_args(kind) or (Any,))[0]) for v in value]
     if kind is Any:
         return value
+    if _is_dataclass(kind):  # a sub-table, e.g. [strategy.robust], becomes the dataclass itself
+        spec = fields_of(kind)
+        if not isinstance(value, dict) or set(value) - set(spec):
+            raise _Mismatch
+        if any(f.default is REQUIRED and n not in value for n, f in spec.items()):
+            raise _Mismatch
+        try:
+            return kind(**{n: _convert(v, spec[n].kind) for n, v in value.items()})
+        except (TypeError, ValueError):
+            raise _Mismatch from None
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -160,10 +175,11 @@ def _convert(value: Any, kind: Any) -> Any:
 def fields_of(target: type | Callable[..., Any], *, skip: Iterable[str] = ()) -> dict[str, Field]:
     """The TOML-settable fields of a dataclass, or of a class's constructor / a function's parameters.
 
-    A parameter typed as a dataclass (or `SomeConfig | None`) contributes that dataclass's fields,
-    flattened: that is how strategies that take a config object are configured. Parameters whose
-    type no TOML value can have (callables, activation sources, numpy dtypes) are left out: the
-    program supplies those.
+    A constructor parameter typed as a dataclass (or `SomeConfig | None`) contributes that
+    dataclass's fields, flattened, when the class builds itself from keyword options
+    (`from_options(**options)`, as AlignFed does from AlignFedConfig's fields); otherwise it is a
+    sub-table that becomes the dataclass. Parameters whose type no TOML value can have (callables,
+    activation sources, numpy dtypes) are left out: the program supplies those.
     """
     skipped = set(skip)
     if dataclasses.is_dataclass(target) and isinstance(target, type):
@@ -178,13 +194,17 @@ def fields_of(target: type | Callable[..., Any], *, skip: Iterable[str] = ()) ->
         return out
     fn = target.__init__ if isinstance(target, type) else target  # type: ignore[misc]
     hints = typing.get_type_hints(fn)
+    builder = getattr(target, "from_options", None)
+    flatten = builder is not None and any(
+        p.kind is p.VAR_KEYWORD for p in inspect.signature(builder).parameters.values()
+    )
     out = {}
     for name, param in inspect.signature(fn).parameters.items():
         if name == "self" or name in skipped or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         kind = hints.get(name, Any)
-        nested = [a for a in (kind, *typing.get_args(kind)) if dataclasses.is_dataclass(a) and isinstance(a, type)]
-        if nested:
+        nested = [a for a in (kind, *typing.get_args(kind)) if _is_dataclass(a)]
+        if nested and flatten:
             out.update(fields_of(nested[0], skip=skipped))
         elif _accepts(kind):
             default = REQUIRED if param.default is inspect.Parameter.empty else param.default

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -122,6 +123,11 @@ class Transport:
             log.error("broker %s:%s refused the connection: %s", self._host, self._port, rc)
             return
         self._refused = None
+        # Without TCP_NODELAY a small write (a PUBACK, an ack) right after another waits for the
+        # peer's delayed TCP ACK: measured 45 ms per handled update on loopback, 12x the work.
+        sock = client.socket()
+        if sock is not None and hasattr(sock, "setsockopt"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             subs = list(self._subscriptions.items())
         for topic, qos in subs:

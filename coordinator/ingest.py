@@ -74,7 +74,9 @@ def validate(
     if update.eval_loss < 0:
         raise RejectedUpdate(f"header field eval_loss is {update.eval_loss!r}; expected a loss ≥ 0")
     if update.device_id != device_id:
-        raise RejectedUpdate(f"device id {update.device_id!r} in the header does not match topic device {device_id!r}")
+        raise RejectedUpdate(
+            f"device id {update.device_id[:80]!r} in the header does not match topic device {device_id!r}"
+        )
     key = key_of(device_id)
     if key is None:
         raise RejectedUpdate(f"unknown device {device_id!r}: register it with `alignfed coordinator add-device`")
@@ -98,7 +100,8 @@ def validate(
     got = set(update.deltas)
     if got != set(expected):
         missing, extra = sorted(set(expected) - got), sorted(got - set(expected))
-        raise RejectedUpdate(f"wrong layers: missing {missing}, unexpected {extra}")
+        shown = [lid[:40] for lid in extra[:5]] + (["…"] if len(extra) > 5 else [])
+        raise RejectedUpdate(f"wrong layers: missing {missing}, unexpected {shown}")
     max_k = 2 * manifest.lora.rank
     for lid, f in update.deltas.items():
         out_dim, in_dim = expected[lid]

@@ -50,7 +50,8 @@ class Coordinator:
         store: CoordinatorStore | None = None,
     ) -> None:
         """`strategy`: the strategy, or a function that builds a fresh one (default: from the config).
-        A fresh one is needed to isolate and quarantine an update whose aggregation keeps failing."""
+        Fresh ones isolate and quarantine an update whose aggregation keeps failing; given a ready
+        strategy, those are built from the config."""
         self.cfg = cfg
         self.observer = observer  # told after every ingest, reject and aggregation (the dashboard)
         self.topics = Topics(cfg.federation)
@@ -346,7 +347,7 @@ class Coordinator:
         # The update is in SQLite now: only then tell the broker it may forget the message.
         self.transport.ack(msg)
         self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))
-        self._aggregate_and_publish()
+        self.aggregate_step()
         self._emit_queue()
 
     def aggregate_step(self) -> protocol.GlobalAdapter | None:
@@ -408,10 +409,6 @@ class Coordinator:
             self.transport.publish(self.topics.global_status, protocol.encode_status(self.status()), retain=True)
         return list(culprits)
 
-    def _aggregate_and_publish(self) -> None:
-        if self.aggregate_step() is not None:
-            self._emit_queue()  # a time-triggered aggregation empties the buffer between messages
-
     def publish_global(self) -> None:
         assert self.transport is not None
         self.transport.publish(self.topics.global_adapter, self._publishable, retain=True, timeout=60)
@@ -435,8 +432,8 @@ class Coordinator:
                 msg = self.transport.get(timeout=0.5)
                 if msg is not None:
                     self.dispatch(msg)
-                else:  # time-triggered aggregation
-                    self._aggregate_and_publish()
+                elif self.aggregate_step() is not None:  # time-triggered aggregation
+                    self._emit_queue()  # it emptied the buffer between messages
         finally:
             self.transport.publish(
                 self.topics.global_status, protocol.encode_status({"state": "offline"}), retain=True, timeout=2

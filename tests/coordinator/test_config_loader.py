@@ -3,6 +3,7 @@ actual value, and refuses unknown keys; strategy options come from the strategy'
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -139,3 +140,35 @@ def test_device_toml_fields_are_typed(tmp_path: Path, extra: dict, message: str)
 def test_profile_fields_are_typed(tmp_path: Path, override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_profile(fast_profile(tmp_path / "p.toml", **override))
+
+
+@dataclass(frozen=True)
+class Robust:
+    clip_norm: float = 0.0
+    method: Literal["none", "median", "trimmed_mean"] = "none"
+
+
+def test_a_dataclass_option_is_a_sub_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An option group a strategy takes as a dataclass parameter is written [strategy.robust]."""
+
+    class WithRobust(FedBuff):
+        def __init__(self, k: int, robust: Robust | None = None) -> None:
+            super().__init__(k)
+            self.robust = robust
+
+    import sys
+    import types
+
+    module = types.ModuleType("robust_strategy")
+    module.WithRobust = WithRobust  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "robust_strategy", module)
+    monkeypatch.setitem(strategies.REGISTRY, "robust", ("robust_strategy", "WithRobust"))
+    monkeypatch.setattr(strategies, "NAMES", (*strategies.NAMES, "robust"))
+    good = {"name": "robust", "k": 2, "robust": {"clip_norm": 3, "method": "median"}}
+    cfg = ccfg.load(coordinator_toml(tmp_path, strategy=good))
+    assert cfg.strategy_options == {"k": 2, "robust": Robust(clip_norm=3.0, method="median")}
+    assert strategies.build("robust", **cfg.strategy_options).robust == Robust(3.0, "median")  # type: ignore[attr-defined]
+    bad = {"name": "robust", "k": 2, "robust": {"clip_norm": "x"}}
+    with pytest.raises(ConfigError, match=r"\[strategy\].robust = \{'clip_norm': 'x'\}; expected a table of clip_norm "
+                       r"\(a number\), method \(one of 'none', 'median', 'trimmed_mean'\)"):  # fmt: skip
+        ccfg.load(coordinator_toml(tmp_path, strategy=bad))

@@ -23,9 +23,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     tr = terminalreporter
     tr.section("fuzz: cases and how they were answered")
     for target, counts in sorted(TALLIES.items()):
-        cases = counts.get("cases", 0)
-        crashes = counts.get("crashes", 0)
-        tr.write_line(f"{target}: {cases} cases, {crashes} crashes")
+        if "cases" in counts:
+            tr.write_line(f"{target}: {counts['cases']} cases, {counts.get('crashes', 0)} crashes")
+        else:
+            tr.write_line(f"{target}:")
         for reason, n in counts.most_common():
             if reason not in ("cases", "crashes"):
                 tr.write_line(f"    {n:6d}  {reason}")

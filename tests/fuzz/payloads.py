@@ -50,7 +50,7 @@ class Seeds:
 
 def real_update(
     device_id: str, key: bytes, bundle: str, shapes: Mapping[str, tuple[int, int]], base_version: int = 0,
-    *, seed: int = 0, quantization: str = "int8c", codec: str = "deflate", samples: int = 4,
+    *, seed: int = 0, quantization: str = "int8c", codec: str = "deflate", samples: int = 4, uid: str = "",
 ) -> bytes:  # fmt: skip
     rng = np.random.default_rng(seed)
     deltas = {
@@ -59,8 +59,8 @@ def real_update(
         for lid, (o, i) in shapes.items()
     }  # fmt: skip
     update = protocol.AdapterUpdate(
-        device_id, f"{seed:032x}", seed + 1, base_version, bundle, samples, 2, 1.5, 0.25, "x86-laptop", 1.7e9, deltas,
-        eval_loss=2.0,
+        device_id, uid or f"{seed:032x}", seed + 1, base_version, bundle, samples, 2, 1.5, 0.25, "x86-laptop", 1.7e9,
+        deltas, eval_loss=2.0,
     )  # fmt: skip
     return protocol.encode_update(update, key, quantization, codec)
 
