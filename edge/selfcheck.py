@@ -1,12 +1,14 @@
 """Start-up check that this machine's torch computes matrix products right.
 
-Under SVE (qemu's default `max` CPU model, `a64fx`; the same kernels run on SVE hardware such as
-Graviton 3/4, Grace or Jetson Thor) torch was seen to compute `x @ A.T` with a small transposed
-operand wrongly (error 15.9 on values of about 23) while every loss stayed finite: training would
-run on wrong numbers and nothing would say so. The trainer therefore multiplies the shapes it uses
-(activations times a transposed (r, in) LoRA factor or (out, in) weight, single- and multithreaded)
-and compares them with a float64 numpy reference before it trains; a mismatch is refused with the
-numbers. docs/devices.md records what was found on which CPU.
+With torch 2.13's aarch64 wheel under an SVE core model (qemu's default `max`, `a64fx`) torch was
+seen to compute `x @ A.T` with a small transposed operand wrongly (error 15.9 on values of about
+23) while every loss stayed finite: training would run on wrong numbers and nothing would say so.
+Under the same emulated cores numpy and the pinned torch 2.9.1 (its SVE256 ATen kernels and
+OpenBLAS's SVE sgemm included) compute these products right, which points at a kernel of that
+wheel rather than at the emulator; SVE hardware (Graviton 3/4, Grace, Jetson Thor) may meet such a
+kernel too (docs/devices.md). So before it trains, the trainer multiplies the shapes it uses
+(activations times a transposed (r, in) LoRA factor or (out, in) weight) and compares them with a
+float64 numpy reference; a mismatch is refused with the numbers.
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ def check_matmul(torch: Any, *, device: str = "cpu", dtype: Any = None, toleranc
             f"torch {torch.__version__} on this {platform.machine()} CPU ({cpu_capability(torch)}) multiplies "
             f"matrices wrongly: (B={b}, T={t}, in={n_in}) @ ({n_out}, {n_in})ᵀ is off by {worst:.3g} relative "
             f"to a float64 reference, expected at most {tolerance:g}; training here would produce wrong "
-            "updates. Set ATEN_CPU_CAPABILITY=default before starting the daemon, or use a torch build "
-            "without SVE kernels (docs/devices.md, 'SVE')"
+            "updates, so it is refused. Install the torch that scripts/setup-device.sh pins (it passes this "
+            "check from ARMv8.0 to SVE cores); docs/devices.md, 'The matmul check and SVE'"
         )
     return result
 

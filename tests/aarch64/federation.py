@@ -69,7 +69,7 @@ def main() -> int:
         }
         cfg = ccfg.load(tomlfile.write(run / "coordinator.toml", doc))
         tomlfile.write(run / "lane-pi.toml", PROFILE)
-        key = json.loads(add_device(cfg, "pi-0", "lane-pi"))["key"]
+        key = json.loads(add_device(cfg, "pi-0", str(run / "lane-pi.toml")))["key"]
         coord = spawn("coordinator", "--config", str(run / "coordinator.toml"), log=run / "coordinator.log")
         dev = f"{args.work}/federation/{run.name}"  # the same folder, as the device sees it
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "PYTHONUNBUFFERED": "1"}

@@ -90,6 +90,16 @@ if chroot_run /bin/sh -c "cd / && /opt/alignfed/venv/bin/python -m alignfed.cli 
 fi
 grep -q "is for x86_64 devices, this machine is aarch64" "$ROOT/tmp/flash.err" || { cat "$ROOT/tmp/flash.err" >&2; exit 1; }
 say "installed package: profiles load, flash refuses an x86_64 profile"
+# Defect 2: no CUDA wheels on a Pi.
+if chroot_run /opt/alignfed/venv/bin/python -m pip list 2>/dev/null | grep -i -E "^nvidia-|^triton"; then
+    echo "FAIL: the device venv holds CUDA wheels" >&2; exit 1
+fi
+# Defect 5: the x86_64 development set-up says to use the device script instead of failing later.
+if chroot_run /bin/bash -c "cd $SRC && VENV=/tmp/x scripts/setup.sh" 2>"$ROOT/tmp/setup.err"; then
+    echo "FAIL: scripts/setup.sh ran on aarch64" >&2; exit 1
+fi
+grep -q "run scripts/setup-device.sh" "$ROOT/tmp/setup.err" || { cat "$ROOT/tmp/setup.err" >&2; exit 1; }
+say "device venv: no CUDA wheels ($(du -smx "$ROOT/opt/alignfed/venv" | cut -f1) MB); setup.sh points to setup-device.sh"
 
 say "native: bundles and ORT reference numbers"
 $SUDO mkdir -p "$ROOT$WORK"

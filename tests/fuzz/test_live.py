@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from simulator.corpora import DOMAINS, write_domain
-from simulator.local import DeviceSpec, LocalFederation, lay_out
 
 from alignfed import manifest as mf
 from alignfed import protocol, tomlfile
+from alignfed.adapter import initial_adapter
+from alignfed.corpora import DOMAINS, write_domain
 from alignfed.topics import Topics
 from alignfed.transport import BrokerConfig, Transport
-from coordinator.service import initial_adapter
+from demo.local import DeviceSpec, LocalFederation, lay_out
 from tests.fuzz.payloads import CASES, DERANDOMIZE, GUARD, Seeds, corpus, reason_key, seeds, signed_updates
 from tests.support.broker import Mosquitto
 from tests.support.federation import fast_profile, spawn, wait_for

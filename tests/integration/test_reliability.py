@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from simulator.corpora import DOMAINS, write_domain
-from simulator.local import DeviceSpec, lay_out
 
 from alignfed import tomlfile
 from alignfed.corpora import DOMAINS, write_domain
