@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 FED = "fuzz"
 WINDOW = 1000  # messages a fuzzer may have outstanding; Mosquitto queues 10,000 per client here
 REJECTED_GLOBAL = re.compile(
-    r"ERROR edge.daemon: (ignoring (?!malformed ack).*|global adapter v\d+ is for bundle .*)$", re.M
+    r"ERROR edge.daemon: (ignoring (?!malformed ack).*|global adapter v-?\d+ is for bundle .*)$", re.M
 )
 REJECTED_ACK = re.compile(r"ERROR edge.daemon: ignoring malformed ack: (.*)$", re.M)
 
