@@ -26,8 +26,10 @@ reproduce the intended change; it becomes the confidence c = exp(−ρ/ρ₀). W
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -54,6 +56,11 @@ class ActivationCache:
 
     Stored as float16 by default (the design's memory budget: n × in × layers per version);
     a layer whose values do not fit float16 is kept in float32.
+
+    `prefetch(state)` starts the forward pass of a version on one background thread, so the
+    calibration run of a version just published overlaps the ingest of the next updates instead of
+    sitting on the next aggregation's path (ONNX Runtime releases the GIL while it runs). Only the
+    calling thread touches the cache: a prefetched result is stored when `get` collects it.
     """
 
     def __init__(self, source: ActivationSource, capacity: int = 10, dtype: type[np.floating] = np.float16) -> None:
@@ -63,20 +70,48 @@ class ActivationCache:
         self.capacity = capacity
         self.dtype = dtype
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._pending: dict[int, Future[dict[str, np.ndarray]]] = {}
+        self._worker: ThreadPoolExecutor | None = None
         self.forward_passes = 0  # calls into the source, for metrics and tests
+        self.wait_s = 0.0  # time `get` spent computing or waiting for activations
+
+    def prefetch(self, state: AdapterState) -> None:
+        """Compute `state`'s activations in the background (no-op if cached or under way)."""
+        if state.version in self._cache or state.version in self._pending:
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration")
+        self._pending[state.version] = self._worker.submit(self._compute, state)
+        for v in [v for v in self._pending if v < state.version - self.capacity]:
+            self._pending.pop(v).cancel()  # never collected: too old to be needed
 
     def get(self, state: AdapterState) -> Mapping[str, np.ndarray]:
         hit = self._cache.get(state.version)
         if hit is not None:
             self._cache.move_to_end(state.version)
             return hit
-        acts = self.source.activations(state)
+        start = time.perf_counter()
+        pending = self._pending.pop(state.version, None)
+        stored = pending.result() if pending is not None else self._compute(state)
+        self.wait_s += time.perf_counter() - start
         self.forward_passes += 1
-        stored = {lid: self._compact(np.asarray(x)) for lid, x in acts.items()}
         self._cache[state.version] = stored
         while len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
         return stored
+
+    def close(self) -> None:
+        """Stop the background thread (pending prefetches are dropped)."""
+        for f in self._pending.values():
+            f.cancel()
+        self._pending.clear()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+            self._worker = None
+
+    def _compute(self, state: AdapterState) -> dict[str, np.ndarray]:
+        acts = self.source.activations(state)
+        return {lid: self._compact(np.asarray(x)) for lid, x in acts.items()}
 
     def cached(self, version: int) -> Mapping[str, np.ndarray] | None:
         return self._cache.get(version)

@@ -66,6 +66,7 @@ class AlignFedConfig:
     alignment: bool = True
     fairness: bool = True
     cache_versions: int = 0  # activation cache size in versions; 0 means tau_max + 2
+    prefetch: bool = True  # calibrate each new version in the background, off the aggregation path
     # robust options, off by default (coordinator.strategies.robust)
     aggregator: Aggregator = "mean"  # mean | median | trimmed_mean
     trim: float = 0.2  # trimmed_mean: fraction cut at each end
@@ -284,6 +285,19 @@ class AlignFed(BufferedStrategy):
     def commit(self, updates: Sequence[ClientUpdate], taus: Sequence[int], state: AdapterState) -> None:
         # 4. happened in the base: M_{t+1} = s·B_t A_t + η Σ w_i D′_i, re-factorized with error feedback
         self.remember(state)
+        if self._aligner is not None and self.config.prefetch:
+            # the next aggregation aligns its stale groups onto this version: calibrate it now
+            self._aligner.cache.prefetch(self.state_for_calibration(state))
+
+    @staticmethod
+    def state_for_calibration(state: AdapterState) -> AdapterState:
+        """A/B only: calibration runs the adapter, not the error-feedback residual."""
+        return AdapterState(version=state.version, tensors=state.tensors, scale=state.scale, rank=state.rank)
+
+    def close(self) -> None:
+        """Stop the background calibration thread."""
+        if self._aligner is not None:
+            self._aligner.cache.close()
 
     def describe(self, updates: Sequence[ClientUpdate], taus: Sequence[int], weights: list[float]) -> dict[str, Any]:
         rnd = self._round if self._round is not None else _Round(trigger="k", conf=[])
