@@ -287,7 +287,7 @@ class AlignFed(BufferedStrategy):
         self.remember(state)
         if self._aligner is not None and self.config.prefetch:
             # the next aggregation aligns its stale groups onto this version: calibrate it now
-            self._aligner.cache.prefetch(self.state_for_calibration(state))
+            self._aligner.prefetch(self.state_for_calibration(state))
 
     @staticmethod
     def state_for_calibration(state: AdapterState) -> AdapterState:
@@ -297,7 +297,7 @@ class AlignFed(BufferedStrategy):
     def close(self) -> None:
         """Stop the background calibration thread."""
         if self._aligner is not None:
-            self._aligner.cache.close()
+            self._aligner.close()
 
     def describe(self, updates: Sequence[ClientUpdate], taus: Sequence[int], weights: list[float]) -> dict[str, Any]:
         rnd = self._round if self._round is not None else _Round(trigger="k", conf=[])
