@@ -236,7 +236,7 @@ class Timed:
     """Wraps strategy methods to sum their wall time (the strategies themselves read no clock)."""
 
     def __init__(self, strategy: Any) -> None:
-        self.seconds: Counter[str] = Counter()
+        self.seconds: dict[str, float] = {"aggregate": 0.0, "prepare": 0.0}
         self.calls: Counter[str] = Counter()
         for name in ("aggregate", "prepare"):
             if hasattr(strategy, name):
@@ -326,6 +326,8 @@ def run_variant(spec: str, args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(1.0)
             stop.set()
             server.join(timeout=60)
+            aligner = getattr(coord.strategy, "_aligner", None)
+            calibration_wait = aligner.cache.wait_s if aligner is not None else 0.0
             cpu = time.process_time() - cpu0
             if gen.returncode != 0:
                 raise RuntimeError(f"load generator failed with exit code {gen.returncode}")
@@ -348,6 +350,7 @@ def run_variant(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         "aggregate_s": agg_s,
         "prepare_s": prep_s,
         "alignment_share": prep_s / agg_s if agg_s > 0 else 0.0,
+        "calibration_wait_s": calibration_wait,
         "aggregate_ms_each": 1000 * agg_s / max(timed.calls["aggregate"], 1),
         "coordinator_cpu_s": cpu,
         "rss_peak_mb": peak,
@@ -392,8 +395,10 @@ def main() -> int:
         f"{args.devices} devices, {args.rate:g} updates/min offered for {args.duration:g} s, K = {args.k}",
         flush=True,
     )
-    print("| variant | accepted/min | aggregated/min | p50 ack | p95 ack | versions | aggregation (ms each) "
-          "| prepare share | coordinator CPU | peak RSS | rejected | unanswered | all busy |")
+    print(
+        "| variant | accepted/min | aggregated/min | p50 ack | p95 ack | versions | aggregation (ms each) "
+        "| prepare share | coordinator CPU | peak RSS | rejected | unanswered | all busy |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for spec in filter(None, (s.strip() for s in args.variants.split(","))):
@@ -407,7 +412,8 @@ def main() -> int:
         rejected = {k: v for k, v in r["outcomes"].items() if k != "accepted"}
         print(
             f"| {spec} | {r['accepted_per_min']:.0f} | {r['aggregated_per_min']:.0f} | {r['p50_s']:.2f} s "
-            f"| {r['p95_s']:.2f} s | {r['versions']} | {r['aggregate_ms_each']:.0f} | {100 * r['alignment_share']:.1f} % "
+            f"| {r['p95_s']:.2f} s | {r['versions']} | {r['aggregate_ms_each']:.0f} "
+            f"| {100 * r['alignment_share']:.1f} % "
             f"| {r['coordinator_cpu_s']:.1f} s | {r['rss_peak_mb']:.0f} MB | {rejected or 0} | {r['unanswered']} "
             f"| {r['skipped_all_busy']} |",
             flush=True,

@@ -71,8 +71,8 @@ class AlignFedConfig:
     aggregator: Aggregator = "mean"  # mean | median | trimmed_mean
     trim: float = 0.2  # trimmed_mean: fraction cut at each end
     clip_norm: float = 0.0  # clip each ‖Δ_i‖_F to this; 0 = off
-    clip_relative: float = 0.0  # clip to this multiple of the median recent norm; 0 = off
-    outlier_factor: float = 0.0  # drop updates above this multiple of the median recent norm; 0 = off
+    clip_relative: float = 0.0  # clip to this multiple of the reference norm; 0 = off
+    outlier_factor: float = 0.0  # drop updates above this multiple of the reference norm; 0 = off
     norm_window: int = 64  # kept-update norms remembered for that median
 
     def __post_init__(self) -> None:
