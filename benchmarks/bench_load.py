@@ -237,6 +237,7 @@ class Timed:
 
     def __init__(self, strategy: Any) -> None:
         self.seconds: dict[str, float] = {"aggregate": 0.0, "prepare": 0.0}
+        self.cpu: dict[str, float] = {"aggregate": 0.0, "prepare": 0.0}  # CPU of the calling thread
         self.calls: Counter[str] = Counter()
         for name in ("aggregate", "prepare"):
             if hasattr(strategy, name):
@@ -244,11 +245,12 @@ class Timed:
 
     def _wrap(self, name: str, fn: Any) -> Any:
         def timed(*a: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return fn(*a, **kw)
             finally:
                 self.seconds[name] += time.perf_counter() - t0
+                self.cpu[name] += time.thread_time() - c0
                 self.calls[name] += 1
 
         return timed
@@ -351,6 +353,10 @@ def run_variant(spec: str, args: argparse.Namespace) -> dict[str, Any]:
         "prepare_s": prep_s,
         "alignment_share": prep_s / agg_s if agg_s > 0 else 0.0,
         "calibration_wait_s": calibration_wait,
+        "aggregate_cpu_s": timed.cpu["aggregate"],
+        "prepare_cpu_s": timed.cpu["prepare"],
+        "alignment_cpu_share": timed.cpu["prepare"] / timed.cpu["aggregate"] if timed.cpu["aggregate"] else 0.0,
+        "load_average": os.getloadavg()[0],
         "aggregate_ms_each": 1000 * agg_s / max(timed.calls["aggregate"], 1),
         "coordinator_cpu_s": cpu,
         "rss_peak_mb": peak,
