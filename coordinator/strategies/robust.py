@@ -35,6 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from alignfed.lowrank import Factors
+from coordinator.strategies.server_update import combine  # the plain weighted sum Σ w_i Δ_i
 
 Aggregator = Literal["mean", "median", "trimmed_mean"]
 AGGREGATORS: tuple[str, ...] = ("mean", "median", "trimmed_mean")
@@ -132,8 +133,6 @@ class RobustCombiner:
         return min(medians) if medians else 0.0
 
     def combine(self, deltas: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> RobustResult:
-        from coordinator.strategies.server_update import combine  # the plain weighted sum
-
         cfg = self.config
         if len(deltas) != len(weights):
             raise ValueError(f"robust: {len(deltas)} deltas but {len(weights)} weights")
