@@ -26,8 +26,10 @@ reproduce the intended change; it becomes the confidence c = exp(−ρ/ρ₀). W
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -54,6 +56,11 @@ class ActivationCache:
 
     Stored as float16 by default (the design's memory budget: n × in × layers per version);
     a layer whose values do not fit float16 is kept in float32.
+
+    `prefetch(state)` starts the forward pass of a version on one background thread, so the
+    calibration run of a version just published overlaps the ingest of the next updates instead of
+    sitting on the next aggregation's path (ONNX Runtime releases the GIL while it runs). Only the
+    calling thread touches the cache: a prefetched result is stored when `get` collects it.
     """
 
     def __init__(self, source: ActivationSource, capacity: int = 10, dtype: type[np.floating] = np.float16) -> None:
@@ -63,20 +70,56 @@ class ActivationCache:
         self.capacity = capacity
         self.dtype = dtype
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._pending: dict[int, Future[dict[str, np.ndarray]]] = {}
+        self._worker: ThreadPoolExecutor | None = None
         self.forward_passes = 0  # calls into the source, for metrics and tests
+        self.wait_s = 0.0  # time `get` spent computing or waiting for activations
+
+    def prefetch(self, state: AdapterState) -> None:
+        """Compute `state`'s activations in the background (no-op if cached or under way)."""
+        if state.version in self._cache or state.version in self._pending:
+            return
+        self._pending[state.version] = self.worker().submit(self._compute, state)
+        for v in [v for v in self._pending if v < state.version - self.capacity]:
+            self._pending.pop(v).cancel()  # never collected: too old to be needed
+
+    def pending(self, version: int) -> Future[dict[str, np.ndarray]] | None:
+        """The prefetch under way for `version`, if any."""
+        return self._pending.get(version)
+
+    def worker(self) -> ThreadPoolExecutor:
+        """The one background thread (created on first use)."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration")
+        return self._worker
 
     def get(self, state: AdapterState) -> Mapping[str, np.ndarray]:
         hit = self._cache.get(state.version)
         if hit is not None:
             self._cache.move_to_end(state.version)
             return hit
-        acts = self.source.activations(state)
+        start = time.perf_counter()
+        pending = self._pending.pop(state.version, None)
+        stored = pending.result() if pending is not None else self._compute(state)
+        self.wait_s += time.perf_counter() - start
         self.forward_passes += 1
-        stored = {lid: self._compact(np.asarray(x)) for lid, x in acts.items()}
         self._cache[state.version] = stored
         while len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
         return stored
+
+    def close(self) -> None:
+        """Stop the background thread (pending prefetches are dropped)."""
+        for f in self._pending.values():
+            f.cancel()
+        self._pending.clear()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+            self._worker = None
+
+    def _compute(self, state: AdapterState) -> dict[str, np.ndarray]:
+        acts = self.source.activations(state)
+        return {lid: self._compact(np.asarray(x)) for lid, x in acts.items()}
 
     def cached(self, version: int) -> Mapping[str, np.ndarray] | None:
         return self._cache.get(version)
@@ -118,7 +161,11 @@ class TargetSolve:
     def align(self, v: np.ndarray, x_v: np.ndarray) -> np.ndarray:
         """V′ = V P for V (k, in), without forming P."""
         v64 = np.asarray(v, dtype=np.float64)  # (k, in)
-        rhs = self.x_t.T @ (np.asarray(x_v, dtype=np.float64) @ v64.T) + self.lam * v64.T  # (in, k)
+        return self.align_intended(v64, np.asarray(x_v, dtype=np.float64) @ v64.T)
+
+    def align_intended(self, v64: np.ndarray, intended: np.ndarray) -> np.ndarray:
+        """V′ = V P given X_v Vᵀ (n, k) already computed; V (k, in) float64."""
+        rhs = self.x_t.T @ intended + self.lam * v64.T  # (in, k)
         return np.asarray(scipy.linalg.cho_solve(self.chol, rhs, check_finite=False)).T  # (k, in)
 
 
@@ -134,10 +181,16 @@ def residual(u: np.ndarray, v: np.ndarray, v_aligned: np.ndarray, x_v: np.ndarra
 
     None when D has no effect on the calibration batch (X_v Dᵀ = 0): there is nothing to measure.
     """
+    intended = np.asarray(x_v, dtype=np.float64) @ np.asarray(v, dtype=np.float64).T  # (n, k)
+    achieved = np.asarray(x_t, dtype=np.float64) @ np.asarray(v_aligned, dtype=np.float64).T  # (n, k)
+    return residual_of(u, intended, achieved)
+
+
+def residual_of(u: np.ndarray, intended: np.ndarray, achieved: np.ndarray) -> float | None:
+    """`residual` from X_v Vᵀ and X_t V′ᵀ (n, k), already computed."""
     u64 = np.asarray(u, dtype=np.float64)  # (out, k)
     gram_u = u64.T @ u64  # (k, k): ‖E Uᵀ‖²_F = Σ (E UᵀU) ∘ E
-    intended = np.asarray(x_v, dtype=np.float64) @ np.asarray(v, dtype=np.float64).T  # (n, k)
-    err = np.asarray(x_t, dtype=np.float64) @ np.asarray(v_aligned, dtype=np.float64).T - intended  # (n, k)
+    err = achieved - intended  # (n, k)
     den = float(np.sum((intended @ gram_u) * intended))
     if den <= 0:
         return None
@@ -181,6 +234,35 @@ class Aligner:
         self.cache = ActivationCache(source, capacity=cache_versions, dtype=cache_dtype)
         self._solves: dict[str, TargetSolve] = {}  # layer id -> solve for version `_solve_version`
         self._solve_version: int | None = None
+        self._pending_solves: dict[int, Future[dict[str, TargetSolve]]] = {}
+
+    def prefetch(self, state: AdapterState) -> None:
+        """Calibrate `state` and factor its X_tᵀX_t + λI in the background: everything aligning a
+        group onto it needs, except the per-group products (see `ActivationCache.prefetch`)."""
+        self.cache.prefetch(state)
+        pending = self.cache.pending(state.version)
+        if pending is None or state.version in self._pending_solves:
+            return
+        worker = self.cache.worker()
+        self._pending_solves = {state.version: worker.submit(self._factor_all, pending)}
+
+    def _factor_all(self, acts: Future[dict[str, np.ndarray]]) -> dict[str, TargetSolve]:
+        return {lid: TargetSolve.of(x, self.lam) for lid, x in acts.result().items()}
+
+    def _target(self, version: int) -> None:
+        """Make `_solves` those of `version` (collecting a prefetched set when there is one)."""
+        if self._solve_version == version:
+            return
+        pending = self._pending_solves.pop(version, None)
+        self._solves = pending.result() if pending is not None else {}
+        self._solve_version = version
+
+    def close(self) -> None:
+        """Stop the background thread."""
+        for f in self._pending_solves.values():
+            f.cancel()
+        self._pending_solves.clear()
+        self.cache.close()
 
     def align_group(
         self, deltas: Sequence[Mapping[str, Factors]], old: AdapterState | int, new: AdapterState
@@ -198,8 +280,7 @@ class Aligner:
                 raise KeyError(f"alignment: no cached activations for version {old} and no adapter given")
             acts_v, old_version = cached, old
         acts_t = self.cache.get(new)
-        if self._solve_version != new.version:
-            self._solves, self._solve_version = {}, new.version
+        self._target(new.version)
         layer_ids = sorted({lid for d in deltas for lid in d})
         aligned: list[dict[str, Factors]] = [dict(d) for d in deltas]
         rho: dict[str, float] = {}
@@ -221,21 +302,22 @@ class Aligner:
             solve = self._solves.get(lid)
             if solve is None:
                 solve = self._solves[lid] = TargetSolve.of(x_t, self.lam)
-            us, vs, vs_aligned = [], [], []
-            for i, d in enumerate(deltas):
-                f = d.get(lid)
-                if f is None:
-                    continue
-                v_aligned = solve.align(f.v, x_v)  # (k, in)
-                aligned[i][lid] = Factors(u=f.u, v=v_aligned.astype(np.float32))
-                us.append(f.u)
-                vs.append(f.v)
-                vs_aligned.append(v_aligned)
+            members = [(i, f) for i, d in enumerate(deltas) if (f := d.get(lid)) is not None]
+            if not members:
+                continue
+            # every member at once: V stacked (Σk, in), one product with X_v, one solve
+            v_all = np.concatenate([np.asarray(f.v, dtype=np.float64) for _, f in members], axis=0)
+            intended = np.asarray(x_v, dtype=np.float64) @ v_all.T  # (n, Σk)
+            v_aligned = solve.align_intended(v_all, intended)  # (Σk, in)
+            start = 0
+            for i, f in members:
+                k = f.v.shape[0]
+                aligned[i][lid] = Factors(u=f.u, v=v_aligned[start : start + k].astype(np.float32))
+                start += k
             # ρ of the group's (unweighted) summed delta [U_1 … U_m] @ [V_1; …; V_m]: c_v is needed
             # before the weights that would scale the members exist.
-            r = residual(
-                np.concatenate(us, axis=1), np.concatenate(vs, axis=0), np.concatenate(vs_aligned, axis=0), x_v, x_t
-            )
+            u_all = np.concatenate([f.u for _, f in members], axis=1)  # (out, Σk)
+            r = residual_of(u_all, intended, solve.x_t @ v_aligned.T)
             if r is not None:
                 rho[lid] = r
         return GroupAlignment(deltas=aligned, rho=rho, identity=identity, missing=missing)

@@ -68,12 +68,13 @@ class AlignFedConfig:
     alignment: bool = True
     fairness: bool = True
     cache_versions: int = 0  # activation cache size in versions; 0 means tau_max + 2
+    prefetch: bool = True  # calibrate each new version in the background, off the aggregation path
     # robust options, off by default (coordinator.strategies.robust)
     aggregator: Aggregator = "mean"  # mean | median | trimmed_mean
     trim: float = 0.2  # trimmed_mean: fraction cut at each end
     clip_norm: float = 0.0  # clip each ‖Δ_i‖_F to this; 0 = off
-    clip_relative: float = 0.0  # clip to this multiple of the median recent norm; 0 = off
-    outlier_factor: float = 0.0  # drop updates above this multiple of the median recent norm; 0 = off
+    clip_relative: float = 0.0  # clip to this multiple of the reference norm; 0 = off
+    outlier_factor: float = 0.0  # drop updates above this multiple of the reference norm; 0 = off
     norm_window: int = 64  # kept-update norms remembered for that median
 
     def __post_init__(self) -> None:
@@ -290,6 +291,19 @@ class AlignFed(BufferedStrategy):
     def commit(self, updates: Sequence[ClientUpdate], taus: Sequence[int], state: AdapterState) -> None:
         # 4. happened in the base: M_{t+1} = s·B_t A_t + η Σ w_i D′_i, re-factorized with error feedback
         self.remember(state)
+        if self._aligner is not None and self.config.prefetch:
+            # the next aggregation aligns its stale groups onto this version: calibrate it now
+            self._aligner.prefetch(self.state_for_calibration(state))
+
+    @staticmethod
+    def state_for_calibration(state: AdapterState) -> AdapterState:
+        """A/B only: calibration runs the adapter, not the error-feedback residual."""
+        return AdapterState(version=state.version, tensors=state.tensors, scale=state.scale, rank=state.rank)
+
+    def close(self) -> None:
+        """Stop the background calibration thread."""
+        if self._aligner is not None:
+            self._aligner.close()
 
     def timings(self) -> dict[str, float]:
         return {"alignment": self._aligned_s}

@@ -6,10 +6,11 @@ as factors U_i V_i), with their weights w_i, and gets back the combined delta pe
 
 1. *Outlier filter* (`outlier_factor` f > 0): an update whose norm ‖Δ_i‖_F (over all layers) exceeds
    f × the reference norm is dropped; the kept weights are rescaled so Σw stays what it was
-   (FedBuff's (1/K)Σ becomes (1/K′)Σ over the kept). The reference is the median norm of the
-   buffer when it holds ≥ `MIN_PEERS` updates, else of the buffer and the last `norm_window` kept
-   updates (FedAsync's K = 1). The buffer alone is preferred because honest norms shrink as
-   training converges: an old history would let a tenfold update through.
+   (FedBuff's (1/K)Σ becomes (1/K′)Σ over the kept). The reference is the smaller of two medians:
+   of the buffer's norms, and of the last `norm_window` kept updates' norms. The buffer's alone
+   fails when hostile updates are half of a small buffer (K = 3 with 30 % of updates hostile: one
+   buffer in five); the history's alone fails while honest norms shrink as training converges (an
+   old, larger median lets a tenfold update through); the smaller of the two fails only when both do.
 2. *Norm clipping*: Δ_i ← Δ_i · min(1, C/‖Δ_i‖_F), with C = `clip_norm` (absolute) or, when
    `clip_relative` ρ > 0, ρ × that same median norm (the tighter of the two when both are set).
    Exact on factors: only U_i is scaled.
@@ -34,10 +35,10 @@ from typing import Any, Literal
 import numpy as np
 
 from alignfed.lowrank import Factors
+from coordinator.strategies.server_update import combine  # the plain weighted sum Σ w_i Δ_i
 
 Aggregator = Literal["mean", "median", "trimmed_mean"]
 AGGREGATORS: tuple[str, ...] = ("mean", "median", "trimmed_mean")
-MIN_PEERS = 3  # a buffer this large is its own reference for norms
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +48,8 @@ class RobustConfig:
     aggregator: Aggregator = "mean"  # mean | median | trimmed_mean (coordinate-wise, on dense deltas)
     trim: float = 0.2  # trimmed_mean: fraction cut at each end, in [0, 0.5)
     clip_norm: float = 0.0  # clip each ‖Δ_i‖_F to this bound; 0 = off
-    clip_relative: float = 0.0  # clip to this multiple of the median recent norm; 0 = off
-    outlier_factor: float = 0.0  # drop updates above this multiple of the median recent norm; 0 = off
+    clip_relative: float = 0.0  # clip to this multiple of the reference norm; 0 = off
+    outlier_factor: float = 0.0  # drop updates above this multiple of the reference norm; 0 = off
     norm_window: int = 64  # kept-update norms remembered for the median (besides the buffer)
 
     def __post_init__(self) -> None:
@@ -125,15 +126,13 @@ class RobustCombiner:
         self._norms: deque[float] = deque(maxlen=max(self.config.norm_window, 1))
 
     def reference_norm(self, norms: Sequence[float]) -> float:
-        """The median of the buffer's norms, joined by the recently kept ones for a small buffer."""
-        pool = list(norms)
-        if len(pool) < MIN_PEERS and self.config.norm_window > 0:
-            pool += list(self._norms)
-        return float(np.median(pool)) if pool else 0.0
+        """min(median of the buffer's norms, median of the recently kept ones)."""
+        medians = [float(np.median(pool)) for pool in (list(norms), list(self._norms)) if pool]
+        if self.config.norm_window == 0:
+            medians = medians[:1] if norms else []
+        return min(medians) if medians else 0.0
 
     def combine(self, deltas: Sequence[Mapping[str, Factors]], weights: Sequence[float]) -> RobustResult:
-        from coordinator.strategies.server_update import combine  # the plain weighted sum
-
         cfg = self.config
         if len(deltas) != len(weights):
             raise ValueError(f"robust: {len(deltas)} deltas but {len(weights)} weights")

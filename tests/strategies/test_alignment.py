@@ -146,3 +146,34 @@ def test_fp16_overflow_falls_back_to_fp32(syn: Any) -> None:
 
     cache = ActivationCache(Huge())
     assert cache.get(syn.state())["0.q"].dtype == np.float32
+
+
+def test_prefetch_computes_a_version_once_in_the_background(syn: Any) -> None:
+    chain = syn.chain()
+    cache = ActivationCache(chain, capacity=4, dtype=np.float32)
+    state = syn.state(version=3, seed=3, shapes=syn.chain_shapes)
+    cache.prefetch(state)
+    cache.prefetch(state)  # already under way: not submitted twice
+    got = cache.get(state)
+    assert chain.calls == 1 and cache.forward_passes == 1
+    expected = syn.chain().activations(state)
+    for lid, x in expected.items():
+        np.testing.assert_array_equal(got[lid], x.astype(np.float32))
+    cache.prefetch(state)  # cached: nothing to do
+    assert chain.calls == 1
+    cache.close()
+
+
+def test_alignfed_calibrates_each_new_version_off_the_aggregation_path(syn: Any) -> None:
+    from coordinator.strategies.alignfed import AlignFed, AlignFedConfig
+
+    chain = syn.chain()
+    af = AlignFed(AlignFedConfig(k=2), activations=chain, cache_dtype=np.float32)
+    current = syn.state(version=4, seed=4, shapes=syn.chain_shapes)
+    for i, base in enumerate((4, 4)):
+        af.add(syn.update(f"u{i}", base, seed=i, shapes=syn.chain_shapes), 4)
+    new = af.aggregate(current, 0.0).state
+    assert af._aligner is not None
+    af._aligner.cache.get(new)  # collected from the prefetch, not computed again
+    assert chain.calls == 1 and af._aligner.cache.versions() == [5]
+    af.close()

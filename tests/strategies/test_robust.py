@@ -151,3 +151,19 @@ def test_bad_robust_options_are_named(options: dict[str, Any], message: str) -> 
     for name in OPTIONS:
         with pytest.raises(ValueError, match=message):
             build(name, **OPTIONS[name], **options)
+
+
+def test_outlier_filter_catches_a_buffer_that_is_mostly_hostile(syn: Any) -> None:
+    """Two tenfold updates in a buffer of three: the buffer's median is hostile, the history's is not."""
+    fb = FedBuff(k=3, outlier_factor=3.0)
+    state = syn.state(version=0, rank=8)
+    for r in range(2):  # honest history
+        for i in range(3):
+            fb.add(syn.update(f"h{r}{i}", state.version, device=f"d{i}", seed=10 * r + i), state.version)
+        state = fb.aggregate(state, 0.0).state
+    honest = syn.update("ok", state.version, device="d0", seed=7)
+    attacks = [_with_scale(syn.update(f"x{i}", state.version, seed=i), 10.0, f"x{i}", f"e{i}") for i in range(2)]
+    for u in [honest, *attacks]:
+        fb.add(u, state.version)
+    agg = fb.aggregate(state, 0.0)
+    assert sorted(agg.metrics["outliers"]) == ["x0", "x1"]
