@@ -395,12 +395,15 @@ class Coordinator:
                 probe.aggregate(self.current, now)
             except Exception as exc:
                 culprits[update.update_id] = (update.device_id, f"{type(exc).__name__}: {exc}")
+            finally:
+                probe.close()
         if not culprits:
             culprits = {u.update_id: (u.device_id, "fails only together with the rest of the buffer") for u in pending}
         for update_id, (device_id, alone) in culprits.items():
             reason = f"quarantined: {why}; alone: {alone}"[:500]
             self.store.quarantine(device_id, update_id, reason)
             log.error("quarantined update %s from %s: %s", update_id[:8], device_id, reason)
+        self.strategy.close()
         self.strategy = self._build()  # the buffer again, without them
         self._restore_buffer()
         self.aggregation_failures = 0
@@ -439,6 +442,7 @@ class Coordinator:
                 self.topics.global_status, protocol.encode_status({"state": "offline"}), retain=True, timeout=2
             )
             self.transport.stop()
+            self.strategy.close()
             self.store.close()
 
 

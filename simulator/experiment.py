@@ -109,6 +109,7 @@ def run_variant(
     try:
         return sim.run()
     finally:
+        strategy.close()
         if progress is not None:
             progress.close()
 

@@ -108,6 +108,9 @@ class Strategy(ABC):
     # snapshot and `restore()` takes it back; `replay()` rebuilds it from the version store's log
     # of aggregated updates, which is what the coordinator does after a restart.
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work the strategy started (AlignFed's calibration thread)."""
+
     def history(self) -> Mapping[str, Any]:
         """A JSON-able snapshot of what the weights depend on besides the buffer ({} if nothing)."""
         return {}
