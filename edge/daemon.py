@@ -237,7 +237,7 @@ class EdgeDaemon:
             if due and self.transport.publish(self.topics.update(self.cfg.device_id), path.read_bytes(), timeout=5):
                 self._sent_at[update_id] = now
 
-    def _status(self, state: str) -> None:
+    def _status(self, state: str, *, timeout: float = 10.0) -> None:
         g = self.global_adapter
         body = {
             "state": state,
@@ -249,7 +249,11 @@ class EdgeDaemon:
         }
         qos, retain = protocol.DELIVERY["devices/{id}/status"]
         self.transport.publish(
-            self.topics.device_status(self.cfg.device_id), protocol.encode_status(body), qos=qos, retain=retain
+            self.topics.device_status(self.cfg.device_id),
+            protocol.encode_status(body),
+            qos=qos,
+            retain=retain,
+            timeout=timeout,
         )
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -342,8 +346,10 @@ class EdgeDaemon:
             while len(self.outbox) and time.monotonic() < deadline and not self.stop.is_set():
                 self._resend()
                 self._drain(timeout=0.5)
-            self._status("idle")
         finally:
             self.phase = Phase.STOPPED
+            # A clean disconnect sends no will: say "offline" ourselves, retained as the will would be,
+            # so a dashboard does not count a stopped device as online (best effort: the broker may be gone).
+            self._status("offline", timeout=2.0)
             self.transport.stop()
         return self.stats

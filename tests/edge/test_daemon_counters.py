@@ -11,9 +11,12 @@ from alignfed import protocol
 from alignfed.corpora import DOMAINS, write_domain
 from alignfed.manifest import bundle_digest
 from alignfed.manifest import load as load_manifest
+from alignfed.topics import Topics
+from alignfed.transport import BrokerConfig, Transport
 from edge import config
 from edge.daemon import EdgeDaemon
 from tests.edge.test_config import write
+from tests.support.broker import Mosquitto
 from tests.support.federation import fast_profile
 
 
@@ -66,3 +69,22 @@ def test_device_status_goes_at_the_qos_of_its_last_will(tmp_path: Path, tiny_bun
     d._status("idle")
     assert [(c["qos"], c["retain"]) for c in calls] == [protocol.DELIVERY["devices/{id}/status"]] == [(1, True)]
     d.transport.stop()
+
+
+
+def test_a_clean_exit_leaves_a_retained_offline_status(broker: Mosquitto, tmp_path: Path, tiny_bundle: Path) -> None:
+    """A clean disconnect sends no will, so the daemon says "offline" itself, retained, before it goes."""
+    profile = fast_profile(tmp_path / "p.toml")
+    data = write_domain(tmp_path / "d.jsonl", DOMAINS[0], 8, seed=0)
+    path = write(tmp_path, bundle=str(tiny_bundle), data=str(data), profile=str(profile), state_dir="state")
+    path.write_text(path.read_text().replace("mqtt://h:1", broker.url))
+    d = EdgeDaemon(config.load(path))
+    d.stop.set()  # stop at once: the loop ends before any global adapter arrives
+    d.run(drain_timeout=0)
+    watcher = Transport(BrokerConfig(broker.url), "watcher", clean_session=True)
+    watcher.subscribe(Topics("f").device_status("dev-1"))
+    watcher.start(wait=10)
+    msg = watcher.get(timeout=10)  # the retained status, delivered on subscribe
+    watcher.stop()
+    assert msg is not None and msg.retain
+    assert protocol.decode_status(msg.payload)["state"] == "offline"

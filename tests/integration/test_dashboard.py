@@ -189,8 +189,8 @@ def test_metrics_match_what_happened(run: Run) -> None:
         for device, (loss, _) in store.last_eval_losses().items():
             assert m[("alignfed_device_eval_loss", (("device", device),))] == pytest.approx(loss)
             assert ("alignfed_device_staleness", (("device", device),)) in m
-        # the daemons ended their rounds with a retained "idle" status (a clean exit sends no will)
-        assert m[("alignfed_devices_online", ())] == 3
+        # the daemons ended their rounds and said so: a retained "offline" status (a clean exit sends no will)
+        assert m[("alignfed_devices_online", ())] == 0
         s = state(run)
         assert s["totals"]["rejected"] == 1 and s["rejects"][0]["reason"].startswith("malformed")  # type: ignore[index]
     finally:
