@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
 import tomllib
 import types
 import typing
@@ -25,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from alignfed import atomic
 from alignfed.errors import ConfigError
 
 
@@ -60,14 +60,7 @@ def dumps(doc: Mapping[str, Any], prefix: str = "") -> str:
 
 def write(path: Path, doc: Mapping[str, Any], mode: int = 0o600) -> Path:
     """Write atomically with restrictive permissions (configs hold keys and passwords)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(dumps(doc))
-    tmp.replace(path)
-    return path
+    return atomic.write_text(Path(path), dumps(doc), mode)
 
 
 # ---------------------------------------------------------------------------------------------

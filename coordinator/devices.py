@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from alignfed import tomlfile
+from alignfed import atomic, tomlfile
 from alignfed.errors import ConfigError
 from alignfed.profiles import load_profile
 from alignfed.topics import Topics, check_id
@@ -88,9 +88,7 @@ def remove_acl_user(acl_file: Path, username: str) -> bool:
             found = found or dropping
         if not dropping:
             kept.append(line)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(kept).strip("\n") + "\n")
-    tmp.replace(path)
+    atomic.write_text(path, "\n".join(kept).strip("\n") + "\n", mode=path.stat().st_mode & 0o777)
     return found
 
 

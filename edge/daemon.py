@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from alignfed import atomic, protocol
 from alignfed import manifest as mf
-from alignfed import protocol
 from alignfed.adapter import compute_deltas
 from alignfed.errors import AlignFedError, ProtocolError, TrainingError
 from alignfed.profiles import estimate_memory_mb
@@ -135,10 +135,7 @@ class EdgeDaemon:
         return g
 
     def _save_global(self, payload: bytes, g: protocol.GlobalAdapter) -> None:
-        path = self.cfg.state_dir / "global.adapter"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(payload)
-        tmp.replace(path)
+        atomic.write_bytes(self.cfg.state_dir / "global.adapter", payload)
         self.global_adapter = g
         self._write_inference_adapter(g)
 
@@ -167,9 +164,7 @@ class EdgeDaemon:
     def _save_state(self) -> None:
         s = self.stats
         state = {"seq": self._seq, "published": s.published, "acked": s.acked, "rejected": s.rejected}
-        tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self._state_file)
+        atomic.write_text(self._state_file, json.dumps(state))
 
     # -- messages ---------------------------------------------------------------------------------
 

@@ -1,13 +1,14 @@
 """The on-disk outbox: every update is written here before it is published, deleted on ack.
 
-Files are written to a temporary name, fsynced and renamed, so a power cut leaves either the whole
-update or nothing. Names sort by sequence number, so resends go out oldest first.
+Files are written through `alignfed.atomic` (temporary name, fsync, rename, fsync of the folder),
+so a power cut leaves either the whole update or nothing. Names sort by sequence number, so resends go out oldest first.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from alignfed import atomic
 
 
 class Outbox:
@@ -21,19 +22,7 @@ class Outbox:
         return self.dir / f"{seq:010d}-{update_id}.update"
 
     def put(self, seq: int, update_id: str, payload: bytes) -> Path:
-        final = self._path(seq, update_id)
-        tmp = final.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(final)
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return final
+        return atomic.write_bytes(self._path(seq, update_id), payload)
 
     def items(self) -> list[tuple[str, Path]]:
         """(update id, path) of every unacknowledged update, oldest first."""

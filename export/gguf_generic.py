@@ -11,12 +11,12 @@ What llama.cpp cannot run the same way is refused with the field at fault.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from alignfed import atomic
 from alignfed.errors import ExportError
 from alignfed.manifest import Architecture
 from export import hf_source
@@ -93,46 +93,41 @@ def write_generic_gguf(model_dir: Path, out_path: Path) -> Path:
             t = t + 1.0  # Gemma RMSNorm: x * (1 + w)
         tensors[name] = np.ascontiguousarray(t, dtype=np.float32)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
-    try:
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(model_dir.name)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
-        w.add_vocab_size(arch.vocab)
-        w.add_context_length(arch.max_seq)
-        w.add_embedding_length(arch.hidden)
-        w.add_block_count(arch.n_layers)
-        w.add_feed_forward_length(arch.intermediate)
-        w.add_head_count(arch.n_heads)
-        w.add_head_count_kv(arch.n_kv_heads)
-        w.add_key_length(arch.head_dim)
-        w.add_value_length(arch.head_dim)
-        w.add_rope_dimension_count(arch.head_dim)
-        w.add_rope_freq_base(arch.rope_theta)
-        w.add_layer_norm_rms_eps(arch.rms_eps)
-        if arch.family == "gemma3_text":
-            w.add_sliding_window(int(cfg.get("sliding_window") or arch.max_seq))
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(vocab.pre)
-        w.add_token_list(vocab.tokens)
-        w.add_token_types(vocab.types)
-        w.add_token_merges(vocab.merges)
-        if vocab.bos_id is not None:
-            w.add_bos_token_id(vocab.bos_id)
-        if vocab.eos_id is not None:
-            w.add_eos_token_id(vocab.eos_id)
-        w.add_add_bos_token(vocab.add_bos)
-        for name, t in tensors.items():
-            w.add_tensor(name, t)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    w.close()
-    os.replace(tmp, out_path)
+    with atomic.replacing(out_path) as tmp:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
+        try:
+            w.add_type(gguf.GGUFType.MODEL)
+            w.add_name(model_dir.name)
+            w.add_file_type(gguf.LlamaFileType.ALL_F32)
+            w.add_vocab_size(arch.vocab)
+            w.add_context_length(arch.max_seq)
+            w.add_embedding_length(arch.hidden)
+            w.add_block_count(arch.n_layers)
+            w.add_feed_forward_length(arch.intermediate)
+            w.add_head_count(arch.n_heads)
+            w.add_head_count_kv(arch.n_kv_heads)
+            w.add_key_length(arch.head_dim)
+            w.add_value_length(arch.head_dim)
+            w.add_rope_dimension_count(arch.head_dim)
+            w.add_rope_freq_base(arch.rope_theta)
+            w.add_layer_norm_rms_eps(arch.rms_eps)
+            if arch.family == "gemma3_text":
+                w.add_sliding_window(int(cfg.get("sliding_window") or arch.max_seq))
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(vocab.pre)
+            w.add_token_list(vocab.tokens)
+            w.add_token_types(vocab.types)
+            w.add_token_merges(vocab.merges)
+            if vocab.bos_id is not None:
+                w.add_bos_token_id(vocab.bos_id)
+            if vocab.eos_id is not None:
+                w.add_eos_token_id(vocab.eos_id)
+            w.add_add_bos_token(vocab.add_bos)
+            for name, t in tensors.items():
+                w.add_tensor(name, t)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
     return out_path
