@@ -8,6 +8,12 @@ from the bundle's calibration model — the int8 bundle's weights are dequantize
 `DequantizeLinear` does, so both backends train the same numbers. Gradients come from autograd;
 the update is `edge.adamw.AdamW` with the bundle's optimizer hyper-parameters, i.e. the ORT
 kernel's, so a device's result does not depend on which backend it runs.
+
+`lean=True` (what the daemon runs) keeps the int8 base int8 in memory (edge/lean_linear.py), reads
+it from the bundle one tensor at a time (edge/onnx_weights.py) and computes the LM head and loss in
+chunks of tokens (edge/chunked_loss.py); `checkpoint=True` also recomputes each decoder layer in
+backward instead of keeping its activations (the profile's `checkpointing = "layers"`).
+`lean=False` is the plain fp32 path, kept as the reference the lean one is measured against.
 """
 
 from __future__ import annotations
@@ -56,7 +62,17 @@ def base_weights(bundle: Path) -> dict[str, np.ndarray]:
 class TorchTrainer:
     """The `edge.trainer.Trainer` protocol on PyTorch (CPU)."""
 
-    def __init__(self, bundle: Path, manifest: mf.Manifest, *, lr: float, threads: int) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: mf.Manifest,
+        *,
+        lr: float,
+        threads: int,
+        lean: bool = True,
+        checkpoint: bool = False,
+        loss_chunk: int = 128,
+    ) -> None:
         try:
             import torch
         except ImportError as exc:
@@ -74,7 +90,13 @@ class TorchTrainer:
         self.targets = set(manifest.lora.targets)
         self.optimizer = AdamW.from_model(Path(bundle) / mf.OPTIMIZER_MODEL)
         self.moments = Moments.zeros(self.shapes)
-        w = {k: torch.from_numpy(v) for k, v in base_weights(bundle).items()}
+        self.lean, self.checkpoint, self.loss_chunk = lean, checkpoint, loss_chunk
+        if lean:
+            from edge.lean_linear import lean_base
+
+            w: dict[str, Any] = lean_base(Path(bundle) / mf.CALIB_MODEL)
+        else:
+            w = {k: torch.from_numpy(v) for k, v in base_weights(bundle).items()}
         missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in w]
         if missing:
             raise BundleError(f"{bundle}: calibration model lacks base tensors {missing}")
@@ -135,13 +157,25 @@ class TorchTrainer:
         mask = torch.where(future, torch.finfo(torch.float32).min, 0.0)
         h = w["model.embed_tokens.weight"][ids]  # (B, T, H)
         for i in range(a.n_layers):
-            p = f"model.layers.{i}."
-            h = h + self._attention(self._rms(h, w[p + "input_layernorm.weight"]), i, cos, sin, mask)
-            h = h + self._mlp(self._rms(h, w[p + "post_attention_layernorm.weight"]), i)
+            if self.checkpoint and torch.is_grad_enabled():  # keep only h (B, T, H) per layer
+                from torch.utils.checkpoint import checkpoint
+
+                h = checkpoint(self._decoder_layer, h, i, cos, sin, mask, use_reentrant=False)
+            else:
+                h = self._decoder_layer(h, i, cos, sin, mask)
         h = self._rms(h, w["model.norm.weight"])[:, :-1].reshape(-1, a.hidden)  # (N, H): t predicts t + 1
         head = w["model.embed_tokens.weight"] if a.tie_embeddings else w["lm_head.weight"]  # (V, H)
+        if self.lean:
+            from edge.chunked_loss import chunked_head_loss
+
+            return chunked_head_loss(h, head, labels[:, 1:].reshape(-1), self.loss_chunk)
         logits = h @ head.T  # (N, V)
         return torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    def _decoder_layer(self, h: Any, i: int, cos: Any, sin: Any, mask: Any) -> Any:
+        p = f"model.layers.{i}."
+        h = h + self._attention(self._rms(h, self.w[p + "input_layernorm.weight"]), i, cos, sin, mask)
+        return h + self._mlp(self._rms(h, self.w[p + "post_attention_layernorm.weight"]), i)
 
     def _rms(self, x: Any, weight: Any) -> Any:
         var = (x * x).mean(dim=-1, keepdim=True)  # (B, T, 1)
@@ -149,8 +183,11 @@ class TorchTrainer:
 
     def _linear(self, x: Any, layer: int, module: str) -> Any:
         """x (B, T, in) -> (B, T, out): frozen projection (+ bias) + s·(x Aᵀ) Bᵀ when adapted."""
+        from edge.lean_linear import Int8Weight, int8_matmul
+
         hf = lora.hf_weight_name(layer, module)
-        y = x @ self.w[hf].T
+        base = self.w[hf]
+        y = int8_matmul(x, base) if isinstance(base, Int8Weight) else x @ base.T
         if self.arch.qkv_bias and module in QKV_BIAS:
             y = y + self.w[hf[: -len("weight")] + "bias"]
         if module in self.targets:

@@ -1,0 +1,132 @@
+"""Random-weight bases shaped like published small LLMs, for memory and speed benchmarks.
+
+The configs are those published with the models (Hugging Face `config.json`), except:
+- `max_position_embeddings` is 4096: it only sizes the RoPE tables, not the weights or a step;
+- Llama-3.2's `rope_scaling` (type "llama3") is left out: the exporter supports default RoPE
+  only, and scaling changes the angles, not the memory or the time of a step.
+Weights are written as float16 safetensors (half the disk; the exporter widens them to float32).
+The tokenizer is a small BPE (ids < vocab): the benchmark feeds random token ids anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+# name -> (family, HF config fields)
+SHAPES: dict[str, tuple[str, dict[str, object]]] = {
+    # Qwen/Qwen2.5-0.5B config.json
+    "qwen2.5-0.5b": (
+        "qwen2",
+        {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": True,
+            "use_sliding_window": False,
+        },
+    ),
+    # meta-llama/Llama-3.2-1B config.json
+    "llama-3.2-1b": (
+        "llama",
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 64,
+            "vocab_size": 128256,
+            "rope_theta": 500000.0,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": True,
+            "attention_bias": False,
+            "mlp_bias": False,
+        },
+    ),
+}
+
+
+def write_shaped_model(name: str, out: Path, seed: int = 0) -> Path:
+    """config.json, model.safetensors (float16, random) and tokenizer.json of shape `name`."""
+    from export.synthetic import build_tokenizer
+
+    family, cfg = SHAPES[name]
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(512, family)
+    tok.save(str(out / "tokenizer.json"))  # type: ignore[attr-defined]
+    eos = tok.token_to_id("<|endoftext|>")  # type: ignore[attr-defined]
+    h, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])  # type: ignore[call-overload]
+    nh, nkv = int(cfg["num_attention_heads"]), int(cfg["num_key_value_heads"])  # type: ignore[call-overload]
+    hd = h // nh
+    vocab = int(cfg["vocab_size"])  # type: ignore[call-overload]
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape: int, std: float = 0.02) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float16)
+
+    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": rand(vocab, h, std=0.5)}
+    for i in range(int(cfg["num_hidden_layers"])):  # type: ignore[call-overload]
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = np.ones(h, np.float16)
+        w[p + "post_attention_layernorm.weight"] = np.ones(h, np.float16)
+        w[p + "self_attn.q_proj.weight"] = rand(nh * hd, h)
+        w[p + "self_attn.k_proj.weight"] = rand(nkv * hd, h)
+        w[p + "self_attn.v_proj.weight"] = rand(nkv * hd, h)
+        if family == "qwen2":
+            w[p + "self_attn.q_proj.bias"] = rand(nh * hd)
+            w[p + "self_attn.k_proj.bias"] = rand(nkv * hd)
+            w[p + "self_attn.v_proj.bias"] = rand(nkv * hd)
+        w[p + "self_attn.o_proj.weight"] = rand(h, nh * hd)
+        w[p + "mlp.gate_proj.weight"] = rand(inter, h)
+        w[p + "mlp.up_proj.weight"] = rand(inter, h)
+        w[p + "mlp.down_proj.weight"] = rand(h, inter)
+    w["model.norm.weight"] = np.ones(h, np.float16)
+    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        **cfg,
+        "head_dim": hd,
+        "max_position_embeddings": 4096,
+        "hidden_act": "silu",
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "torch_dtype": "float16",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "model_max_length": 4096})
+    )
+    return out
+
+
+def prepare(name: str, work: Path) -> Path:
+    """The int8 bundle of shape `name` under `work` (built once; no GGUF: training only)."""
+    from export.bundle import export_bundle
+
+    bundle = work / f"{name}-bundle"
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    model = work / f"{name}-hf"
+    if not (model / "model.safetensors").is_file():
+        write_shaped_model(name, model)
+    export_bundle(model, bundle, targets=("q", "v"), rank=8, alpha=16.0, quantization="int8", write_gguf=False)
+    return bundle
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    print(prepare(sys.argv[1], Path(sys.argv[2])))
