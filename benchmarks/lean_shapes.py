@@ -4,17 +4,19 @@ The configs are those published with the models (Hugging Face `config.json`), ex
 - `max_position_embeddings` is 4096: it only sizes the RoPE tables, not the weights or a step;
 - Llama-3.2's `rope_scaling` (type "llama3") is left out: the exporter supports default RoPE
   only, and scaling changes the angles, not the memory or the time of a step.
-Weights are written as float16 safetensors (half the disk; the exporter widens them to float32).
+Weights are float32 safetensors written one tensor at a time, and the export reads them as
+memory maps (`mapped_safetensors`): the exporter's own reader holds every weight in anonymous
+memory, which for the 1 B shape (5 GB float32, plus the graphs it builds) exceeds a shared 24 GB box.
 The tokenizer is a small BPE (ids < vocab): the benchmark feeds random token ids anyway.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 # name -> (family, HF config fields)
 SHAPES: dict[str, tuple[str, dict[str, object]]] = {
@@ -74,14 +76,14 @@ def write_shaped_model(name: str, out: Path, seed: int = 0) -> Path:
     vocab = int(cfg["vocab_size"])  # type: ignore[call-overload]
     rng = np.random.default_rng(seed)
 
-    def rand(*shape: int, std: float = 0.02) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float16)
+    def rand(*shape: int, std: float = 0.02) -> tuple[tuple[int, ...], float]:
+        return shape, std
 
-    w: dict[str, np.ndarray] = {"model.embed_tokens.weight": rand(vocab, h, std=0.5)}
+    w: dict[str, tuple[tuple[int, ...], float]] = {"model.embed_tokens.weight": rand(vocab, h, std=0.5)}
     for i in range(int(cfg["num_hidden_layers"])):  # type: ignore[call-overload]
         p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = np.ones(h, np.float16)
-        w[p + "post_attention_layernorm.weight"] = np.ones(h, np.float16)
+        w[p + "input_layernorm.weight"] = rand(h, std=0.0)
+        w[p + "post_attention_layernorm.weight"] = rand(h, std=0.0)
         w[p + "self_attn.q_proj.weight"] = rand(nh * hd, h)
         w[p + "self_attn.k_proj.weight"] = rand(nkv * hd, h)
         w[p + "self_attn.v_proj.weight"] = rand(nkv * hd, h)
@@ -93,8 +95,8 @@ def write_shaped_model(name: str, out: Path, seed: int = 0) -> Path:
         w[p + "mlp.gate_proj.weight"] = rand(inter, h)
         w[p + "mlp.up_proj.weight"] = rand(inter, h)
         w[p + "mlp.down_proj.weight"] = rand(h, inter)
-    w["model.norm.weight"] = np.ones(h, np.float16)
-    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    w["model.norm.weight"] = rand(h, std=0.0)
+    _write_random_safetensors(out / "model.safetensors", w, rng)
     config = {
         **cfg,
         "head_dim": hd,
@@ -102,12 +104,47 @@ def write_shaped_model(name: str, out: Path, seed: int = 0) -> Path:
         "hidden_act": "silu",
         "bos_token_id": eos,
         "eos_token_id": eos,
-        "torch_dtype": "float16",
+        "torch_dtype": "float32",
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "model_max_length": 4096})
     )
+    return out
+
+
+def _write_random_safetensors(
+    path: Path, specs: dict[str, tuple[tuple[int, ...], float]], rng: np.random.Generator
+) -> None:
+    """float32 safetensors of N(0, std²) tensors (std 0: ones, for norms), one tensor in memory at a time."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, _) in specs.items():
+        n = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for shape, std in specs.values():
+            arr = np.ones(shape, np.float32) if std == 0.0 else rng.standard_normal(shape, dtype=np.float32) * std
+            f.write(arr.tobytes())
+
+
+def mapped_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read-only float32 memory maps of an F32 safetensors file (pages stay evictable file cache)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] != "F32":
+            raise ValueError(f"{path}: {name} expected F32, got {info['dtype']}")
+        start = info["data_offsets"][0]
+        out[name] = np.memmap(path, np.float32, "r", 8 + n + start, tuple(info["shape"]) or (1,))
     return out
 
 
@@ -121,6 +158,9 @@ def prepare(name: str, work: Path) -> Path:
     model = work / f"{name}-hf"
     if not (model / "model.safetensors").is_file():
         write_shaped_model(name, model)
+    from export import hf_source
+
+    hf_source.read_safetensors = mapped_safetensors  # type: ignore[assignment]
     export_bundle(model, bundle, targets=("q", "v"), rank=8, alpha=16.0, quantization="int8", write_gguf=False)
     return bundle
 

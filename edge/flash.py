@@ -10,6 +10,7 @@ from alignfed import tomlfile
 from alignfed.errors import ConfigError
 from alignfed.profiles import load_profile
 from alignfed.topics import check_id
+from edge.openai_api import write_serve_unit
 
 _UNIT = """[Unit]
 Description=AlignFed edge daemon ({device_id})
@@ -68,4 +69,5 @@ def flash(
     (target / "alignfed-edge.service").write_text(
         _UNIT.format(device_id=device_id, python=sys.executable, config=config.resolve())
     )
+    write_serve_unit(target, device_id=device_id, python=sys.executable, config=config, host="127.0.0.1", port=8080)
     return config
