@@ -75,17 +75,18 @@ def _status_mb(field: str) -> float:
 def _saved_bytes(trainer: Any, batch: Batch) -> int:
     import torch
 
-    total = 0
+    base = {id(w) for w in trainer.w.values()}
+    storages: dict[int, int] = {}  # one count per storage: views of one tensor are saved many times
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if t.dtype != torch.int8:  # the int8 base itself, already counted in the weights
-            total += t.numel() * t.element_size()
+        if t.dtype != torch.int8 and id(t) not in base:  # the base is counted in the weights
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer._loss(batch)
-    return total
+    return sum(storages.values())
 
 
 def child(backend: str, bundle: Path, b: int, t: int, steps: int, threads: int) -> dict[str, Any]:

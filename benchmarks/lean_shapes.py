@@ -13,6 +13,7 @@ The tokenizer is a small BPE (ids < vocab): the benchmark feeds random token ids
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -148,9 +149,25 @@ def mapped_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def prepare(name: str, work: Path) -> Path:
-    """The int8 bundle of shape `name` under `work` (built once; no GGUF: training only)."""
+def prepare(name: str, work: Path, *, ort_artifacts: bool = True) -> Path:
+    """The int8 bundle of shape `name` under `work` (built once; no GGUF: training only).
+
+    `ort_artifacts=False` skips onnxruntime's `generate_artifacts` (for the 1 B shape it peaked past
+    12 GB here, more than the shared machine had free) and writes only the optimizer model's
+    hyper-parameters, which the PyTorch trainer reads: such a bundle trains with the torch backend only.
+    """
+    from export import artifacts
     from export.bundle import export_bundle
+
+    if not ort_artifacts:
+        reference = next(work.glob("*-bundle/train/optimizer_model.onnx"))  # AdamW of any exported bundle
+
+        def optimizer_only(model: object, lora_names: object, out_dir: Path) -> None:
+            del model, lora_names
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(reference, out_dir / reference.name)
+
+        artifacts.write_training_artifacts = optimizer_only  # type: ignore[assignment]
 
     bundle = work / f"{name}-bundle"
     if (bundle / "manifest.json").is_file():
@@ -169,4 +186,4 @@ if __name__ == "__main__":
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    print(prepare(sys.argv[1], Path(sys.argv[2])))
+    print(prepare(sys.argv[1], Path(sys.argv[2]), ort_artifacts="--no-ort" not in sys.argv))

@@ -10,6 +10,7 @@ from alignfed import tomlfile
 from alignfed.errors import ConfigError
 from alignfed.profiles import load_profile
 from alignfed.topics import check_id
+from edge.memory_fit import check_fits
 from edge.openai_api import write_serve_unit
 
 _UNIT = """[Unit]
@@ -46,7 +47,7 @@ def flash(
     prof = load_profile(profile)
     check_id(device_id, "device id")
     check_id(federation, "federation id")
-    mf.load(bundle)  # a readable bundle, or a clear error now rather than at boot
+    check_fits(mf.load(bundle), prof, bundle)  # a readable bundle that trains here, or a clear error now
     try:
         bytes.fromhex(key)
     except ValueError as exc:
