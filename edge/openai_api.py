@@ -302,14 +302,17 @@ class ApiServer:
             t.join(timeout=5)
 
 
-def open_server(cfg: DeviceConfig, host: str = "127.0.0.1", port: int = 8080, *, n_ctx: int = 2048) -> ApiServer:
-    """Load the bundle's GGUF base once and serve it with the device's newest global adapter."""
+def open_server(
+    cfg: DeviceConfig, host: str = "127.0.0.1", port: int = 8080, *, n_ctx: int = 2048, threads: int | None = None
+) -> ApiServer:
+    """Load the bundle's GGUF base once and serve it with the device's newest global adapter
+    (llama.cpp on `threads` threads, the profile's by default)."""
     from runtime.llama import Generator
 
     base = cfg.bundle / mf.BASE_GGUF
     if not base.exists():
         raise ConfigError(f"{cfg.bundle}: no {mf.BASE_GGUF}; re-export the bundle with a GGUF base")
     m = mf.load(cfg.bundle)
-    gen = Generator(base, n_ctx=n_ctx, n_threads=cfg.profile.threads, seed=cfg.seed)
+    gen = Generator(base, n_ctx=n_ctx, n_threads=threads or cfg.profile.threads, seed=cfg.seed)
     service = ChatService(gen, AdapterSource(cfg.state_dir, cfg.bundle), m.base_id or cfg.bundle.name)
     return ApiServer(service, host, port)
