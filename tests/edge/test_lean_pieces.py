@@ -40,7 +40,12 @@ def test_int8_matmul_matches_dequantized_weight_and_keeps_nothing_else() -> None
     dense = torch.from_numpy(q_t.astype(np.float32) * scale)  # DequantizeLinear(axis=1)
     x = torch.randn(3, 5, 12, requires_grad=True)
     saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         y = int8_matmul(x, w)
     assert {t.dtype for t in saved} <= {torch.int8, torch.float32} and sum(t.numel() for t in saved) == 12 * 7 + 7
     torch.testing.assert_close(y, x @ dense)
@@ -52,7 +57,7 @@ def test_int8_matmul_matches_dequantized_weight_and_keeps_nothing_else() -> None
 
 def test_initializer_reader_matches_onnx_load(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    tensors = {
+    tensors: dict[str, np.ndarray] = {
         "w.T.int8": rng.integers(-127, 128, (300, 40)).astype(np.int8),
         "w.scale": rng.random(40).astype(np.float32),
         "ids": np.arange(6, dtype=np.int64).reshape(2, 3),
