@@ -208,10 +208,10 @@ def main() -> None:
         lora = sum(4 * int(np.prod(s)) for s in m.lora_shapes().values())
         for shape in args.shapes.split(","):
             b, t = (int(x) for x in shape.split("x"))
-            results = {
-                backend: run_child([backend, str(bundle), str(b), str(t), str(args.steps)])
-                for backend in args.backends.split(",")
-            }
+            results = {}
+            for backend in args.backends.split(","):  # a progress line per child: big runs take long
+                results[backend] = r = run_child([backend, str(bundle), str(b), str(t), str(args.steps)])
+                print(f"# {name} {b}x{t} {backend}: {json.dumps(r)}", flush=True)
             plain, ckpt = floor_mb(
                 weights,
                 lora,
