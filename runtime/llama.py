@@ -183,7 +183,9 @@ class Generator:
                 choice = out["choices"][0]
                 text = choice["message"]["content"] or ""
             else:
-                out = self._llm.create_completion(prompt or "", max_tokens=max_tokens, temperature=temperature, stop=stop)
+                out = self._llm.create_completion(
+                    prompt or "", max_tokens=max_tokens, temperature=temperature, stop=stop
+                )
                 choice = out["choices"][0]
                 text = choice["text"]
             usage = {k: int(v) for k, v in out["usage"].items()}
