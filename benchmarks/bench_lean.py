@@ -1,7 +1,7 @@
 """Peak RSS and step time of the three training backends, side by side, per model and batch shape.
 
     python benchmarks/bench_lean.py [--models smollm2,qwen2.5-0.5b,llama-3.2-1b] [--shapes 2x64,4x128]
-                                    [--steps 2] [--work DIR] [--out results.json]
+                                    [--steps 2] [--work DIR] [--out results.json] [--side-by-side]
 
 Backends, each step measured in its own subprocess (a fresh interpreter, so peak RSS is that
 backend's alone: `resource.getrusage(RUSAGE_SELF).ru_maxrss`, which includes loading the bundle):
@@ -112,6 +112,24 @@ def child(backend: str, bundle: Path, b: int, t: int, steps: int, threads: int) 
     return out
 
 
+def side_by_side(bundle: Path, b: int, t: int, steps: int, threads: int) -> dict[str, list[float]]:
+    """CPU seconds of lean and fp32 PyTorch steps alternating in one process (after one warm-up
+    each): the step-time ratio least disturbed by other tenants of a loaded machine."""
+    m = mf.load(bundle)
+    ids = np.random.default_rng(0).integers(0, m.architecture.vocab, size=(b, t)).astype(np.int64)
+    batch = Batch(input_ids=ids, labels=ids.copy())
+    trainers = {k: _trainer(k, bundle, m, threads) for k in ("lean", "torch-fp32")}
+    cpu: dict[str, list[float]] = {k: [] for k in trainers}
+    for tr in trainers.values():
+        tr.step(batch)
+    for _ in range(steps):
+        for k, tr in trainers.items():
+            c0 = time.process_time()
+            tr.step(batch)
+            cpu[k].append(time.process_time() - c0)
+    return cpu
+
+
 # -- the parent: bundles, children, table ----------------------------------------------------------
 
 
@@ -182,7 +200,16 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/alignfed-bench-lean", help="folder for models and bundles")
     ap.add_argument("--out", help="write the figures as JSON here")
     ap.add_argument("--child", nargs=5, metavar=("BACKEND", "BUNDLE", "B", "T", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--side-by-side", action="store_true", help="lean vs fp32 step CPU time in one process")
     args = ap.parse_args()
+    if args.side_by_side:
+        for name in args.models.split(","):
+            for shape in args.shapes.split(","):
+                b, t = (int(x) for x in shape.split("x"))
+                cpu = side_by_side(bundle_for(name, Path(args.work)), b, t, max(args.steps, 3), args.threads)
+                ratio = statistics.median(cpu["lean"]) / statistics.median(cpu["torch-fp32"])
+                print(f"{name} {b}x{t} step CPU s {json.dumps(cpu)} lean / fp32 {ratio:.3f}", flush=True)
+        return
     if args.child:
         backend, bundle, b, t, steps = args.child
         print(json.dumps(child(backend, Path(bundle), int(b), int(t), int(steps), args.threads)))
