@@ -207,6 +207,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from edge import config as ecfg
+    from edge.openai_api import open_server
+
+    server = open_server(ecfg.load(Path(args.config)), args.host, args.port).start()
+    print(f"serving {server.url} (OpenAI API: /models, /completions, /chat/completions); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
 def _flash(args: argparse.Namespace) -> int:
     from edge.flash import flash
 
@@ -372,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("prompt")
     g.set_defaults(fn=_generate)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP endpoint answering with the newest global adapter")
+    v.add_argument("--config", required=True, help="device.toml")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    v.set_defaults(fn=_serve)
 
     m = sub.add_parser("demo", help="run a small federation on this machine and report what happened")
     m.add_argument("--devices", type=int, default=3, help="number of edge daemons (default 3)")

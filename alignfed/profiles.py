@@ -43,6 +43,12 @@ class DeviceProfile:
     availability: float  # probability the device is online for a round (simulator)
     quantization: str = "int8"  # training base the device can afford: "int8" | "fp32"
     accelerator: str = "cpu"  # "cpu" | "cuda": where the torch backend may train (Jetson: "cuda", CPU fallback)
+    # Lean training (torch backend): "layers" recomputes each decoder layer in backward instead of
+    # keeping its activations (less memory, ~1/3 more compute); "none" keeps them.
+    checkpointing: str = "none"
+    # The largest base this device trains at its batch × seq_len within memory_mb, as measured by
+    # benchmarks/bench_lean.py (BENCHMARKS.md); `flash` refuses bundles whose estimate exceeds memory_mb.
+    largest_model: str = ""
 
 
 _RANGES: dict[str, tuple[float, float]] = {
@@ -64,6 +70,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "trainer": ("ort", "torch"),
     "quantization": ("int8", "fp32"),
     "accelerator": ("cpu", "cuda"),
+    "checkpointing": ("none", "layers"),
 }
 
 

@@ -115,7 +115,14 @@ class EdgeDaemon:
         if p.trainer == "torch":  # aarch64: no onnxruntime-training wheels
             from edge.torch_trainer import TorchTrainer
 
-            return TorchTrainer(self.cfg.bundle, self.manifest, lr=p.lr, threads=p.threads, accelerator=p.accelerator)
+            return TorchTrainer(
+                self.cfg.bundle,
+                self.manifest,
+                lr=p.lr,
+                threads=p.threads,
+                accelerator=p.accelerator,
+                checkpoint=p.checkpointing == "layers",
+            )
         raise TrainingError(f"profile {p.name!r} asks for trainer {p.trainer!r}; expected 'ort' or 'torch'")
 
     # -- persistence ------------------------------------------------------------------------------

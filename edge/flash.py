@@ -11,6 +11,8 @@ from alignfed.errors import ConfigError
 from alignfed.profiles import check_arch, load_profile
 from alignfed.topics import check_id
 from alignfed.transport import BrokerConfig
+from edge.memory_fit import check_fits
+from edge.openai_api import write_serve_unit
 
 _UNIT = """[Unit]
 Description=AlignFed edge daemon ({device_id})
@@ -48,10 +50,12 @@ def flash(
     check_id(device_id, "device id")
     check_id(federation, "federation id")
     # Everything the daemon would refuse at boot is refused now, on the operator's terminal.
-    mf.verify(bundle, mf.load(bundle))  # every file present with the manifest's sha256
+    manifest = mf.load(bundle)
+    mf.verify(bundle, manifest)  # every file present with the manifest's sha256
     if not Path(data).is_file():
         raise ConfigError(f"--data {str(data)!r}: no such file (local training data, .jsonl, .json or text)")
     BrokerConfig(broker).endpoint()  # mqtt://host:port or mqtts://host:port
+    check_fits(manifest, prof, bundle)  # a bundle that trains within the profile's memory, or the numbers now
     try:
         bytes.fromhex(key)
     except ValueError as exc:
@@ -74,4 +78,5 @@ def flash(
     (target / "alignfed-edge.service").write_text(
         _UNIT.format(device_id=device_id, python=sys.executable, config=config.resolve())
     )
+    write_serve_unit(target, device_id=device_id, python=sys.executable, config=config, host="127.0.0.1", port=8080)
     return config

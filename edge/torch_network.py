@@ -83,10 +83,22 @@ def pick_device(prefer: str = "auto") -> str:
 class TorchNetwork:
     """Frozen base + per-row-group LoRA; `losses` gives one loss per adapter."""
 
-    def __init__(self, bundle: Path, manifest: mf.Manifest, *, device: str = "cpu", compute: Any = None) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: mf.Manifest,
+        *,
+        device: str = "cpu",
+        compute: Any = None,
+        lean: bool = False,
+        checkpoint: bool = False,
+        loss_chunk: int = 128,
+    ) -> None:
         """`compute`: dtype of the frozen matrices and their products (torch.float32 by default; a
         Jetson's GPU uses bf16/fp16, see `edge.accelerator`); norms, biases, the adapters and the
-        loss stay fp32."""
+        loss stay fp32. `lean` (CPU): the int8 base stays int8 (`edge.lean_linear`) and one adapter's
+        LM head and loss run in chunks of `loss_chunk` tokens (`edge.chunked_loss`); `checkpoint`
+        recomputes each decoder layer in backward instead of keeping its activations."""
         torch = self._torch = import_torch()
         self.compute = compute or torch.float32
         self.arch = a = manifest.architecture
@@ -100,7 +112,13 @@ class TorchNetwork:
         self.device = device
         if device == "cuda":  # fp32 matmuls, not TF32, so CUDA results stay comparable to the CPU's
             torch.backends.cuda.matmul.allow_tf32 = False
-        w = {k: self._place(torch.from_numpy(v)) for k, v in base_weights(bundle).items()}
+        self.lean, self.checkpoint, self.loss_chunk = lean, checkpoint, loss_chunk
+        if lean:
+            from edge.lean_linear import lean_base
+
+            w: dict[str, Any] = lean_base(Path(bundle) / mf.CALIB_MODEL)
+        else:
+            w = {k: self._place(torch.from_numpy(v)) for k, v in base_weights(bundle).items()}
         missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in w]
         if missing:
             raise BundleError(f"{bundle}: calibration model lacks base tensors {missing}")
@@ -134,13 +152,20 @@ class TorchNetwork:
         mask = torch.where(future, torch.finfo(torch.float32).min, 0.0)  # (T, T): key after query
         h = w["model.embed_tokens.weight"][ids].float()  # (N, T, H)
         for i in range(a.n_layers):
-            p = f"model.layers.{i}."
-            h = h + self._attention(self._rms(h, w[p + "input_layernorm.weight"]), i, cos, sin, mask, params)
-            h = h + self._mlp(self._rms(h, w[p + "post_attention_layernorm.weight"]), i, params)
+            if self.checkpoint and torch.is_grad_enabled():  # keep only h (N, T, H) per layer
+                from torch.utils.checkpoint import checkpoint
+
+                h = checkpoint(self._decoder_layer, h, i, cos, sin, mask, params, use_reentrant=False)
+            else:
+                h = self._decoder_layer(h, i, cos, sin, mask, params)
         h = self._rms(h, w["model.norm.weight"])[:, :-1].reshape(-1, a.hidden)  # (N·(T−1), H)
         rows = torch.from_numpy(keep).to(self.device)
         head = w["model.embed_tokens.weight"] if a.tie_embeddings else w["lm_head.weight"]  # (V, H)
         gold = torch.from_numpy(target.reshape(-1)[keep]).to(self.device)  # (K,)
+        if self.lean and d == 1:  # the (K, V) logits and their gradient never exist whole
+            from edge.chunked_loss import chunked_head_loss
+
+            return chunked_head_loss(h[rows], head, gold, self.loss_chunk).reshape(1)
         each = torch.nn.functional.cross_entropy(
             (h[rows].to(self.compute) @ head.T).float(), gold, reduction="none"
         )  # (K,): the head in the compute dtype, the loss in fp32
@@ -153,6 +178,13 @@ class TorchNetwork:
         t = t.to(self.device)
         return t.to(self.compute) if t.ndim == 2 else t
 
+    def _decoder_layer(
+        self, h: Any, i: int, cos: Any, sin: Any, mask: Any, params: Mapping[str, Any]
+    ) -> Any:
+        p = f"model.layers.{i}."
+        h = h + self._attention(self._rms(h, self.w[p + "input_layernorm.weight"]), i, cos, sin, mask, params)
+        return h + self._mlp(self._rms(h, self.w[p + "post_attention_layernorm.weight"]), i, params)
+
     def _rms(self, x: Any, weight: Any) -> Any:
         var = (x * x).mean(dim=-1, keepdim=True)  # (N, T, 1)
         return x / (var + self.arch.rms_eps).sqrt() * weight
@@ -160,7 +192,13 @@ class TorchNetwork:
     def _linear(self, x: Any, layer: int, module: str, params: Mapping[str, Any]) -> Any:
         """x (N, T, in) -> (N, T, out): frozen projection (+ bias) + each adapter's s·(x Aᵀ) Bᵀ."""
         hf = lora.hf_weight_name(layer, module)
-        y = (x.to(self.compute) @ self.w[hf].T).float()  # frozen base in the compute dtype, fp32 out
+        base = self.w[hf]
+        if self.lean and not self._torch.is_tensor(base):  # an Int8Weight: dequantized inside the matmul
+            from edge.lean_linear import int8_matmul
+
+            y = int8_matmul(x, base)
+        else:
+            y = (x.to(self.compute) @ base.T).float()  # frozen base in the compute dtype, fp32 out
         if self.arch.qkv_bias and module in QKV_BIAS:
             y = y + self.w[hf[: -len("weight")] + "bias"]
         if module in self.targets:

@@ -9,6 +9,13 @@ device's result does not depend on which backend it runs.
 Where it trains is `edge.accelerator`'s choice (a Jetson's GPU when the profile allows it, else the
 CPU, the reason logged); before training, `edge.selfcheck` proves this torch multiplies correctly
 on that device (torch's SVE kernels were seen to compute wrong products).
+
+`lean=True` (what the daemon runs on the CPU) keeps the int8 base int8 in memory
+(edge/lean_linear.py), reads it from the bundle one tensor at a time (edge/onnx_weights.py) and
+computes the LM head and loss in chunks of tokens (edge/chunked_loss.py); `checkpoint=True` also
+recomputes each decoder layer in backward instead of keeping its activations (the profile's
+`checkpointing = "layers"`). `lean=False` is the plain fp32 path, the reference the lean one is
+measured against.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ class TorchTrainer:
         threads: int,
         accelerator: str = "cpu",
         placement: Placement | None = None,
+        lean: bool = True,
+        checkpoint: bool = False,
+        loss_chunk: int = 128,
     ) -> None:
         torch = self._torch = import_torch()
         torch.set_num_threads(max(1, threads))
@@ -56,7 +66,17 @@ class TorchTrainer:
         self.names = sorted(self.shapes)
         self.optimizer = AdamW.from_model(Path(bundle) / mf.OPTIMIZER_MODEL)
         self.moments = Moments.zeros(self.shapes)
-        self.net = TorchNetwork(bundle, manifest, device=self.device, compute=self.compute)
+        self.net = TorchNetwork(
+            bundle,
+            manifest,
+            device=self.device,
+            compute=self.compute,
+            # lean is the CPU's fp32 path; mixed precision (a Jetson's GPU) holds its base in half instead
+            lean=lean and self.device == "cpu" and self.compute == torch.float32,
+            checkpoint=checkpoint,
+            loss_chunk=loss_chunk,
+        )
+        self.w = self.net.w
         self.params: dict[str, Any] = {}
         init = Path(bundle) / mf.ADAPTER_INIT
         if init.is_file():

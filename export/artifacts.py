@@ -107,8 +107,9 @@ def write_training_artifacts(model: onnx.ModelProto, lora_names: Sequence[str], 
     try:
         with _native_stderr_captured() as sink, tempfile.TemporaryDirectory() as tmp:
             source: onnx.ModelProto | str = model
-            if model.ByteSize() > PROTO_LIMIT:
-                # generate_artifacts wants a path for models past protobuf's 2 GB limit.
+            if model.ByteSize() > min(PROTO_LIMIT, onnx.checker.MAXIMUM_PROTOBUF):
+                # generate_artifacts wants a path for models past protobuf's 2 GB limit, and its
+                # blocks run onnx.checker, whose in-memory limit is lower (2e9 bytes: a 1 B int8 base).
                 source = str(Path(tmp) / "model.onnx")
                 onnx.save_model(model, source, save_as_external_data=True, location="model.onnx.data")
             try:

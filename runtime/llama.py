@@ -18,6 +18,7 @@ import re
 import threading
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -158,6 +159,37 @@ class Generator:
         with self._lock:
             out = self._llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, logit_bias=bias)
             return str(out["choices"][0]["text"])  # type: ignore[index]
+
+    def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        stop: list[str] | None = None,
+    ) -> tuple[str, str, dict[str, int]]:
+        """(text, finish_reason, usage) for a prompt, or for chat `messages` rendered in the
+        model's chat format (the GGUF's `tokenizer.chat_template`; llama-cpp-python's default
+        format when the GGUF has none). Greedy at temperature 0."""
+        with self._lock:
+            if messages is not None:
+                out: Any = self._llm.create_chat_completion(
+                    messages=messages,  # type: ignore[arg-type]
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    stop=stop,
+                )
+                choice = out["choices"][0]
+                text = choice["message"]["content"] or ""
+            else:
+                out = self._llm.create_completion(
+                    prompt or "", max_tokens=max_tokens, temperature=temperature, stop=stop
+                )
+                choice = out["choices"][0]
+                text = choice["text"]
+            usage = {k: int(v) for k, v in out["usage"].items()}
+            return str(text), str(choice.get("finish_reason") or "stop"), usage
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Logits of every position for `token_ids` from an empty cache: (T, vocab) float32."""

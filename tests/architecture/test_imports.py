@@ -12,12 +12,13 @@ PACKAGES = ("alignfed", "coordinator", "dashboard", "demo", "edge", "export", "r
 
 # dependency -> modules (relative paths) allowed to import it; None = only the packages listed
 ALLOWED: dict[str, set[str] | tuple[str, ...]] = {
-    "torch": ("export/", "edge/torch_network.py"),  # the PyTorch network (aarch64 devices, batched simulator)
+    # the PyTorch network (aarch64 devices, batched simulator) and its lean pieces
+    "torch": ("export/", "edge/torch_network.py", "edge/lean_linear.py", "edge/chunked_loss.py"),
     "transformers": ("export/",),
     "llama_cpp": {"runtime/llama.py", "export/gguf_quant.py"},  # serving; llama.cpp's own quantizer
     "paho": {"alignfed/transport.py"},
     # optimizer hyper-parameters (edge/adamw.py); base weights of the PyTorch backend
-    "onnx": ("export/", "edge/adamw.py", "edge/torch_network.py"),
+    "onnx": ("export/", "edge/adamw.py", "edge/torch_network.py", "edge/onnx_weights.py"),
     "amqtt": {"demo/broker.py"},
     # the dashboard's web stack and metrics stay inside it
     "starlette": {"dashboard/server.py"},

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from alignfed import manifest as mf
 from alignfed.errors import TrainingError
@@ -54,6 +55,11 @@ def export_case(family: str, quant: str, work: Path) -> Path:
         model, work / "bundle", targets=targets, rank=4, alpha=8.0, quantization=quant, seed=0, write_gguf=False
     )
     return work / "bundle"
+
+
+# The fp32 reference path; the lean one (int8 kept int8, chunked loss); lean with every decoder layer
+# recomputed in backward and a loss chunk (7 rows) that splits the 30 scored tokens unevenly.
+MODES = {"fp32": {"lean": False}, "lean": {"lean": True}, "lean-ckpt": {"checkpoint": True, "loss_chunk": 7}}
 
 
 def start_adapter(start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,10 +116,16 @@ def _reference(bundle: Path) -> dict[str, np.ndarray]:
     pytest.fail("onnxruntime.training is not installed on x86_64: install the edge extra (scripts/setup.sh)")
 
 
-def test_same_losses_and_adapter_as_ort(bundle: Path) -> None:
+# Tolerances: both backends run float32 with the same weights (dequantized by the same formula),
+# so they differ only in summation order (matmul blocking, chunked vs one-pass log-softmax):
+# ~1e-7 relative per op, amplified through 2 layers and 4 AdamW steps. Loss to rel 1e-5 (eval)
+# and 1e-4 (training, after the adapter has moved); adapters to 2e-5 absolute, 10x below the
+# smallest movement the last assert demands, so a wrong gradient cannot pass.
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_same_losses_and_adapter_as_ort(bundle: Path, mode: str) -> None:
     want = _reference(bundle)
     m = mf.load(bundle)
-    torch_ = TorchTrainer(bundle, m, lr=LR, threads=1)
+    torch_ = TorchTrainer(bundle, m, lr=LR, threads=1, **MODES[mode])  # type: ignore[arg-type]
     for name, t in torch_.adapter().items():  # both start from the bundle's initial adapter
         np.testing.assert_array_equal(t, want[f"start/{name}"])
     nonzero = start_adapter(torch_.adapter())
@@ -216,3 +228,43 @@ def test_half_precision_base_keeps_fp32_lora_and_tracks_fp32(bundle: Path) -> No
     d_half = np.concatenate([(b_[n] - start[n]).ravel() for n in a])
     cos = float(d_full @ d_half / (np.linalg.norm(d_full) * np.linalg.norm(d_half)))
     assert cos > 0.98  # the same update direction, up to bf16 rounding of the base's products
+def test_lean_trainer_keeps_the_int8_base_int8(bundle: Path) -> None:
+    """The int8 bundle's projections stay int8 (a quarter of fp32) and no fp32 copy is held."""
+    from edge.lean_linear import Int8Weight
+
+    m = mf.load(bundle)
+    lean = TorchTrainer(bundle, m, lr=LR, threads=1)
+    int8 = {n: w for n, w in lean.w.items() if isinstance(w, Int8Weight)}
+    if m.train_quantization != "int8":
+        assert not int8
+        return
+    projections = [n for n in lean.w if n.endswith("_proj.weight")]
+    assert projections and sorted(int8) == sorted(projections)
+    for w in int8.values():
+        assert w.q_t.dtype == torch.int8
+
+
+def _saved_bytes(trainer: TorchTrainer, batch: Batch) -> int:
+    """Bytes autograd keeps for backward during one forward (what a training step holds)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.dtype != torch.int8:  # int8 weights are the base itself, not a new allocation
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer._loss(batch)
+    return total
+
+
+def test_lean_and_checkpointing_keep_less_for_backward(bundle: Path) -> None:
+    m = mf.load(bundle)
+    batch = _batches(m.architecture.vocab, 1)[0]
+    plain, lean, ckpt = (TorchTrainer(bundle, m, lr=LR, threads=1, **MODES[k]) for k in ("fp32", "lean", "lean-ckpt"))  # type: ignore[arg-type]
+    saved = [_saved_bytes(t, batch) for t in (plain, lean, ckpt)]
+    assert saved[0] > saved[1] > saved[2], saved
+    # what the fp32 path keeps and the lean one does not: the (N, V) logits and their softmax
+    n = batch.input_ids.shape[0] * (batch.input_ids.shape[1] - 1)
+    assert saved[0] - saved[1] >= 4 * n * m.architecture.vocab

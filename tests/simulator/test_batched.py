@@ -86,7 +86,9 @@ def test_batched_rounds_equal_single_device_torch_steps(bundle: Path) -> None:
         alone = batched.train_many([job])[0]
         assert _max_diff(g.tensors, alone.tensors) <= TORCH_ATOL
         assert g.losses == pytest.approx(alone.losses, abs=TORCH_ATOL)
-        edge = TorchTrainer(bundle, m, lr=job.lr, threads=1)
+        # the edge's plain fp32 path is the same network with one adapter (its lean path sums the
+        # chunked loss in another order: equal to ~1e-6, tested against ORT in tests/edge)
+        edge = TorchTrainer(bundle, m, lr=job.lr, threads=1, lean=False)
         edge.load_adapter(job.start)
         losses = [edge.step(b) for b in job.batches]
         assert g.losses == pytest.approx(losses, abs=TORCH_ATOL)

@@ -1,0 +1,92 @@
+"""A frozen linear layer whose weight stays int8 in memory (the lean PyTorch trainer).
+
+The bundle's training base is int8 per output channel: `q_t` (in, out) int8 and `scale` (out,)
+float32, dequantized as ONNX `DequantizeLinear(axis=1)` does, w = float(q_t) · scale. The fp32 base
+of a 1 B model is ~4 GB; int8 is a quarter of that. The dequantized (in, out) matrix of one layer
+exists only while that layer computes:
+
+- forward: y = x @ w, then w is dropped; autograd saves only `q_t` and `scale` (references to the
+  tensors the trainer holds anyway, so nothing new) — not x, since the base needs no weight gradient;
+- backward: w is rebuilt from `q_t` and `scale` and dx = dy @ wᵀ.
+
+Dequantizing before the matmul (rather than scaling its output) keeps the ORT graph's order of
+operations, so the lean trainer computes the same numbers as the ORT backend (up to the matmul's
+own summation order). The cost is one int8 -> float32 pass over the layer's weights in forward and
+one in backward (benchmarks/bench_lean.py measures it against the fp32 base).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Int8Weight:
+    """A frozen projection as the bundle stores it: q_t (in, out) int8, scale (out,) float32."""
+
+    q_t: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def from_numpy(cls, q_t: np.ndarray, scale: np.ndarray) -> Int8Weight:
+        if q_t.dtype != np.int8 or q_t.ndim != 2 or scale.shape != (q_t.shape[1],):
+            raise ValueError(
+                f"int8 weight expected q_t (in, out) int8 and scale (out,), got {q_t.dtype} {q_t.shape}, {scale.shape}"
+            )
+        return cls(torch.from_numpy(np.ascontiguousarray(q_t)), torch.from_numpy(scale.astype(np.float32)))
+
+    def dequantize(self) -> torch.Tensor:
+        """(in, out) float32, exactly DequantizeLinear(q_t, scale, axis=1)."""
+        return self.q_t.to(torch.float32) * self.scale
+
+    @property
+    def nbytes(self) -> int:
+        return self.q_t.numel() + 4 * self.scale.numel()
+
+
+class _Int8MatMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q_t, scale)  # int8 + (out,): the dequantized weight is not kept
+        return x @ (q_t.to(torch.float32) * scale)  # (..., in) @ (in, out)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        q_t, scale = ctx.saved_tensors
+        dx = dy @ (q_t.to(torch.float32) * scale).T if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
+        return dx, None, None
+
+
+def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """x (..., in) -> (..., out) through the int8 weight; differentiable in x only."""
+    out: torch.Tensor = _Int8MatMul.apply(x, w.q_t, w.scale)
+    return out
+
+
+def lean_base(calib_model: Path) -> dict[str, torch.Tensor | Int8Weight]:
+    """The frozen base in HF names, int8 projections kept int8, read one tensor at a time.
+
+    Projections come back as `Int8Weight` (int8 bundle) or as an (out, in) float32 view of the
+    stored (in, out) matrix (fp32 bundle, no copy); norms and embeddings as float32 tensors.
+    """
+    from alignfed import manifest as mf
+    from edge.onnx_weights import read_initializers
+
+    raw = dict(read_initializers(calib_model, lambda n: not n.startswith("const.")))
+    out: dict[str, torch.Tensor | Int8Weight] = {}
+    for name, arr in raw.items():
+        if name.endswith(mf.BASE_SCALE):
+            continue
+        if name.endswith(mf.BASE_INT8):  # (in, out) int8 · scale (out,)
+            hf = name[: -len(mf.BASE_INT8)]
+            out[hf] = Int8Weight.from_numpy(arr, raw[hf + mf.BASE_SCALE])
+        elif name.endswith(mf.BASE_T):  # (in, out) float32 -> an (out, in) view
+            out[name[: -len(mf.BASE_T)]] = torch.from_numpy(arr.astype(np.float32, copy=False)).T
+        else:
+            out[name] = torch.from_numpy(arr.astype(np.float32, copy=False))
+    return out

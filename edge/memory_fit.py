@@ -1,0 +1,92 @@
+"""Will a bundle train on a device? Peak-memory estimates per backend, from the architecture alone.
+
+Used by `alignfed flash` to refuse a bundle that does not fit the profile's `memory_mb`, with the
+numbers. The terms are those of the floor in benchmarks/bench_lean.py, with coefficients fitted to
+what that benchmark measured (BENCHMARKS.md, "Lean training"):
+
+- weights: int8 projections (1 byte per parameter + a float32 scale per output channel) or float32
+  ones, plus the float32 embeddings, LM head and norms — what the lean trainer holds;
+- LoRA: the adapter, its gradient and two AdamW moments (4 copies);
+- activations kept for backward, per token and decoder layer ≈ 8·hidden + 4·intermediate + heads·T
+  floats (the autograd-saved bytes of a lean SmolLM2 step, counted by storage, were 10.6 k floats
+  per token and layer at T = 64 where this gives 11.3 k); with per-layer checkpointing only each
+  layer's input (hidden floats) is kept, plus one layer's activations while it is recomputed;
+- the chunked LM head: `LOSS_CHUNK` rows of logits, log-probabilities and their product with the
+  head (3 × chunk × vocab floats), and dh (tokens × hidden);
+- the dequantized weight of the largest projection and its int8 → float32 temporary (2 copies);
+- a fixed runtime overhead (the interpreter, torch, numpy, tokenizers) measured as RSS after load
+  minus the weights.
+ONNX Runtime keeps every dequantized projection for backward: its estimate is the float32 base plus
+the activations and a fixed overhead.
+"""
+
+from __future__ import annotations
+
+from alignfed import manifest as mf
+from alignfed.errors import ConfigError
+from alignfed.profiles import DeviceProfile
+
+LOSS_CHUNK = 128  # edge.chunked_loss.DEFAULT_CHUNK (not imported: that module needs torch)
+# Interpreter, torch, numpy, tokenizers and what the allocator keeps: fitted so the estimate is at or
+# above the measured peak of the lean trainer with checkpointing at 2 × 64 (SmolLM2 706 MB, Qwen2.5-0.5B
+# shape 1652 MB, Llama-3.2-1B shape 2804 MB measured; 811, 1654, 2811 MB estimated).
+TORCH_OVERHEAD_MB = 500.0
+ORT_OVERHEAD_MB = 250.0
+
+
+def weight_bytes(a: mf.Architecture, quantization: str) -> int:
+    """Bytes of the frozen base as the lean trainer holds it."""
+    hd = a.head_dim
+    shapes = [  # (in, out) of each projection of one decoder layer
+        (a.hidden, a.n_heads * hd),
+        (a.hidden, a.n_kv_heads * hd),
+        (a.hidden, a.n_kv_heads * hd),
+        (a.n_heads * hd, a.hidden),
+        (a.hidden, a.intermediate),
+        (a.hidden, a.intermediate),
+        (a.intermediate, a.hidden),
+    ]
+    per_param = 1 if quantization == "int8" else 4
+    layer = sum(i * o * per_param + (4 * o if quantization == "int8" else 0) for i, o in shapes)
+    layer += 2 * 4 * a.hidden  # norms
+    if a.qkv_bias:
+        layer += 4 * (a.n_heads + 2 * a.n_kv_heads) * hd
+    heads = 1 if a.tie_embeddings else 2
+    return a.n_layers * layer + heads * 4 * a.vocab * a.hidden + 4 * a.hidden
+
+
+def activation_bytes(a: mf.Architecture, batch: int, seq_len: int, *, checkpoint: bool) -> int:
+    """Bytes autograd keeps for one step, plus the chunked head's working set."""
+    tokens = batch * seq_len
+    per_layer = 4 * tokens * (8 * a.hidden + 4 * a.intermediate + a.n_heads * seq_len)
+    kept = a.n_layers * 4 * tokens * a.hidden + per_layer if checkpoint else a.n_layers * per_layer
+    head = 3 * 4 * min(tokens, LOSS_CHUNK) * a.vocab + 4 * tokens * a.hidden
+    dequantized = 2 * 4 * a.hidden * a.intermediate
+    return kept + head + dequantized
+
+
+def training_memory_mb(m: mf.Manifest, profile: DeviceProfile) -> float:
+    """Estimated peak RSS (MB) of training `m`'s bundle with `profile`'s backend, batch and seq_len."""
+    a, b, t = m.architecture, profile.batch, profile.seq_len
+    lora = 4 * 4 * sum(r * c for r, c in m.lora_shapes().values())
+    if profile.trainer == "torch":
+        need = weight_bytes(a, m.train_quantization) + lora
+        need += activation_bytes(a, b, t, checkpoint=profile.checkpointing == "layers")
+        return need / 2**20 + TORCH_OVERHEAD_MB
+    need = weight_bytes(a, "fp32") + lora + activation_bytes(a, b, t, checkpoint=False)
+    return need / 2**20 + ORT_OVERHEAD_MB
+
+
+def check_fits(m: mf.Manifest, profile: DeviceProfile, bundle: object) -> None:
+    """Raise ConfigError naming the numbers when the bundle would not train within memory_mb."""
+    need = training_memory_mb(m, profile)
+    if need > profile.memory_mb:
+        a = m.architecture
+        hint = ' or checkpointing = "layers"' if profile.trainer == "torch" and profile.checkpointing == "none" else ""
+        raise ConfigError(
+            f"bundle {bundle} ({a.family}, {a.n_layers} layers, hidden {a.hidden}, vocab {a.vocab}, "
+            f"{m.train_quantization} base) needs about {need:.0f} MB to train with the {profile.trainer} backend "
+            f"at batch {profile.batch} × {profile.seq_len}; profile {profile.name!r} allows {profile.memory_mb} MB"
+            f"{f' (largest it trains: {profile.largest_model})' if profile.largest_model else ''}: "
+            f"use a smaller base, batch or seq_len{hint}"
+        )
