@@ -52,6 +52,15 @@ def decode(payload: bytes, max_bytes: int) -> protocol.Decoded:
         raise RejectedUpdate(f"malformed: {exc}") from exc
 
 
+def update_id_of(payload: bytes, max_bytes: int) -> str:
+    """Best-effort update id of a payload that failed to decode, for the reject ack ("" if unreadable)."""
+    try:
+        _, meta = protocol.unpack(payload, max_bytes)
+        return str(meta.get("update_id", ""))
+    except Exception:  # anything unreadable has no id to report
+        return ""
+
+
 def validate(
     device_id: str,
     payload: bytes | protocol.Decoded,

@@ -25,7 +25,7 @@ from coordinator import strategies
 from coordinator.backend import open_store
 from coordinator.config import CoordinatorConfig, strategy_options
 from coordinator.fairness import jain_index
-from coordinator.ingest import decode, payload_limit, validate
+from coordinator.ingest import decode, payload_limit, update_id_of, validate
 from coordinator.storage import CoordinatorStore
 from coordinator.strategies.base import AdapterState, Aggregation, Strategy
 from coordinator.tier import client_updates, stored_keys
@@ -190,7 +190,7 @@ class Coordinator:
             log.warning("rejected update from %s: %s", device_id, exc.reason)
             self._emit(feed.UpdateReceived(now, device_id, False, exc.reason, len(payload)))
             # a payload that did not decode may still carry its id in a readable header
-            update_id = decoded.update.update_id if decoded is not None else _update_id_of(payload, self._payload_limit)
+            update_id = decoded.update.update_id if decoded is not None else update_id_of(payload, self._payload_limit)
             return protocol.Ack(device_id, update_id, False, exc.reason, self.current.version)
         clients = client_updates(update, now)  # a site update enters as its member devices (coordinator/tier.py)
         # Durable first: a crash between here and the strategy replays it from the store on restart.
@@ -338,7 +338,7 @@ class Coordinator:
             log.exception("update from %s could not be handled", device_id)
             ack = protocol.Ack(
                 device_id,
-                _update_id_of(msg.payload, self._payload_limit),
+                update_id_of(msg.payload, self._payload_limit),
                 False,
                 f"internal error: {exc}",
                 self.current.version,
@@ -444,12 +444,3 @@ class Coordinator:
             self.transport.stop()
             self.strategy.close()
             self.store.close()
-
-
-def _update_id_of(payload: bytes, max_bytes: int) -> str:
-    """Best-effort update id of a payload that failed validation, for the reject ack."""
-    try:
-        _, meta = protocol.unpack(payload, max_bytes)
-        return meta.get("update_id", "")
-    except Exception:
-        return ""

@@ -36,7 +36,7 @@ from alignfed.topics import Topics, check_id
 from alignfed.transport import Message, Transport
 from coordinator.config import CoordinatorConfig
 from coordinator.fairness import ParticipationWindow
-from coordinator.ingest import payload_limit, validate
+from coordinator.ingest import payload_limit, update_id_of, validate
 from coordinator.store import Store
 from coordinator.tier import WEIGHTINGS, combine, member_weights, members_of
 
@@ -210,7 +210,7 @@ class SiteCoordinator:
         current = self.current_version()
         if current is None:
             reason = "no global version yet: the root has not reached this site"
-            return protocol.Ack(device_id, _update_id_of(payload, self._payload_limit), False, reason, -1)
+            return protocol.Ack(device_id, update_id_of(payload, self._payload_limit), False, reason, -1)
         try:
             update = validate(
                 device_id,
@@ -227,7 +227,7 @@ class SiteCoordinator:
             if seen is not None:
                 return protocol.Ack(device_id, seen[0], seen[1], "duplicate", current)
             log.warning("rejected update from %s: %s", device_id, exc.reason)
-            return protocol.Ack(device_id, _update_id_of(payload, self._payload_limit), False, exc.reason, current)
+            return protocol.Ack(device_id, update_id_of(payload, self._payload_limit), False, exc.reason, current)
         seen_rec = self.store.lookup(device_id, update.update_id)
         if seen_rec is not None:
             return protocol.Ack(device_id, update.update_id, seen_rec.status != "rejected", "duplicate", current)
@@ -328,7 +328,7 @@ class SiteCoordinator:
                     ack = self.handle_update(device_id, msg.payload)
                 except Exception as exc:  # one bad message must never stop the site
                     log.exception("update from %s could not be handled", device_id)
-                    uid = _update_id_of(msg.payload, self._payload_limit)
+                    uid = update_id_of(msg.payload, self._payload_limit)
                     ack = protocol.Ack(device_id, uid, False, f"internal error: {exc}", -1)
                 self.transport.ack(msg)
                 self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))
@@ -352,14 +352,6 @@ class SiteCoordinator:
             self.transport.stop()
             self.outbox.close()
             self.store.close()
-
-
-def _update_id_of(payload: bytes, max_bytes: int) -> str:
-    """Best-effort update id of a payload that failed validation, for the reject ack."""
-    try:
-        return protocol.unpack(payload, max_bytes)[1].get("update_id", "")
-    except Exception:
-        return ""
 
 
 def _mean_finite(values: list[float]) -> float:

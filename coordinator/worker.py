@@ -21,7 +21,7 @@ from alignfed.errors import ConfigError, ProtocolError, RejectedUpdate
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport, shared_subscription
 from coordinator.config import CoordinatorConfig
-from coordinator.ingest import payload_limit, validate
+from coordinator.ingest import payload_limit, update_id_of, validate
 from coordinator.pgstore import PgStore
 from coordinator.storage import is_postgres
 
@@ -86,7 +86,7 @@ class IngestWorker:
             if (again := self._seen(device_id, payload, current)) is not None:  # accepted before, stale now
                 return again
             log.warning("rejected update from %s: %s", device_id, exc.reason)
-            return protocol.Ack(device_id, _update_id_of(payload, self._payload_limit), False, exc.reason, current)
+            return protocol.Ack(device_id, update_id_of(payload, self._payload_limit), False, exc.reason, current)
         seen = self.store.lookup(device_id, update.update_id)
         if seen is not None:  # QoS 1 duplicate or resend, possibly handled by another worker
             return protocol.Ack(device_id, update.update_id, seen.status != "rejected", "duplicate", current)
@@ -104,7 +104,7 @@ class IngestWorker:
         try:
             ack = self.handle_update(device_id, msg.payload)
         except RejectedUpdate as exc:
-            ack = protocol.Ack(device_id, _update_id_of(msg.payload, self._payload_limit), False, exc.reason, -1)
+            ack = protocol.Ack(device_id, update_id_of(msg.payload, self._payload_limit), False, exc.reason, -1)
         self.transport.ack(msg)  # the update is in PostgreSQL now: the broker may forget it
         self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))
         self.handled += 1
@@ -123,11 +123,3 @@ class IngestWorker:
         finally:
             self.transport.stop()
             self.store.close()
-
-
-def _update_id_of(payload: bytes, max_bytes: int) -> str:
-    try:
-        _, meta = protocol.unpack(payload, max_bytes)
-        return meta.get("update_id", "")
-    except Exception:
-        return ""
