@@ -234,6 +234,20 @@ def read_weights(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
         yield from hf_source.read_safetensors(path).items()
 
 
+def add_vocab(w: Any, vocab: BpeVocab) -> None:
+    """The tokenizer's keys of a base GGUF (llama.cpp's BPE "gpt2" model): tokens, types, merges, ids."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    w.add_token_merges(vocab.merges)
+    if vocab.bos_id is not None:
+        w.add_bos_token_id(vocab.bos_id)
+    if vocab.eos_id is not None:
+        w.add_eos_token_id(vocab.eos_id)
+    w.add_add_bos_token(vocab.add_bos)
+
+
 def write_base_gguf(model_dir: Path, out_path: Path, *, progress: bool = False) -> Path:
     """Write an F32 GGUF (weights + tokenizer) from a HF Llama / Qwen2 folder, atomically."""
     import gguf
@@ -281,16 +295,7 @@ def write_base_gguf(model_dir: Path, out_path: Path, *, progress: bool = False) 
             w.add_rope_freq_base(arch.rope_theta)
             w.add_layer_norm_rms_eps(arch.rms_eps)
 
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre(vocab.pre)
-            w.add_token_list(vocab.tokens)
-            w.add_token_types(vocab.types)
-            w.add_token_merges(vocab.merges)
-            if vocab.bos_id is not None:
-                w.add_bos_token_id(vocab.bos_id)
-            if vocab.eos_id is not None:
-                w.add_eos_token_id(vocab.eos_id)
-            w.add_add_bos_token(vocab.add_bos)
+            add_vocab(w, vocab)
             if vocab.chat_template is not None:
                 w.add_chat_template(vocab.chat_template)
 

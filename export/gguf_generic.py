@@ -20,7 +20,7 @@ from alignfed import atomic
 from alignfed.errors import ExportError
 from alignfed.manifest import Architecture
 from export import hf_source
-from export.gguf_base import read_vocab, read_weights, write_base_gguf
+from export.gguf_base import add_vocab, read_vocab, read_weights, write_base_gguf
 
 GGUF_ARCH = {"qwen3": "QWEN3", "gemma3_text": "GEMMA3", "phi3": "PHI3"}  # family -> gguf.MODEL_ARCH member
 # llama-cpp-python 0.3.36 refuses the phi3 file this writer makes ("error loading model vocabulary:
@@ -113,16 +113,7 @@ def write_generic_gguf(model_dir: Path, out_path: Path) -> Path:
             w.add_layer_norm_rms_eps(arch.rms_eps)
             if arch.family == "gemma3_text":
                 w.add_sliding_window(int(cfg.get("sliding_window") or arch.max_seq))
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre(vocab.pre)
-            w.add_token_list(vocab.tokens)
-            w.add_token_types(vocab.types)
-            w.add_token_merges(vocab.merges)
-            if vocab.bos_id is not None:
-                w.add_bos_token_id(vocab.bos_id)
-            if vocab.eos_id is not None:
-                w.add_eos_token_id(vocab.eos_id)
-            w.add_add_bos_token(vocab.add_bos)
+            add_vocab(w, vocab)
             for name, t in tensors.items():
                 w.add_tensor(name, t)
             w.write_header_to_file()
