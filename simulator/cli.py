@@ -115,6 +115,14 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--horizon", type=float, default=3600.0, help="virtual seconds per run (default 3600)")
     t.add_argument("--max-versions", type=int, default=0, help="stop a run after this many versions (0 = no limit)")
     t.add_argument(
+        "--wall-limit",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="stop each run after this many wall-clock seconds at the virtual time it reached; the report "
+        "says where each run stopped (0 = no limit)",
+    )
+    t.add_argument(
         "--step-seconds",
         type=float,
         default=DEFAULT_STEP_S,
@@ -239,6 +247,7 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
     simulation = SimulationConfig(
         horizon_s=args.horizon,
         max_versions=args.max_versions,
+        wall_limit_s=args.wall_limit,
         wire_quantization=args.wire,
         wire_codec=args.codec,
         delta_rank=args.delta_rank,

@@ -67,6 +67,7 @@ T = TypeVar("T")
 class SimulationConfig:
     horizon_s: float = 3600.0  # virtual seconds to simulate
     max_versions: int = 0  # stop after this many aggregations (0: no limit)
+    wall_limit_s: float = 0.0  # stop a run after this many wall seconds, at the virtual time reached (0: none)
     wire_quantization: str = "int8c"  # how update factors travel: "int8c" | "int8" | "fp32"
     wire_codec: str = "deflate"  # envelope of each update: "deflate" | "none" (lossless)
     delta_rank: int = 0  # rank of the sent delta factors; 0 = exact (2r)
@@ -86,6 +87,8 @@ class SimulationConfig:
             raise ConfigError(f"simulation: horizon_s must be > 0 seconds, got {self.horizon_s}")
         if self.max_versions < 0:
             raise ConfigError(f"simulation: max_versions must be ≥ 0 (0 = no limit), got {self.max_versions}")
+        if not (math.isfinite(self.wall_limit_s) and self.wall_limit_s >= 0):
+            raise ConfigError(f"simulation: wall_limit_s must be ≥ 0 seconds (0 = none), got {self.wall_limit_s}")
         if self.wire_quantization not in protocol.QUANTIZATIONS:
             raise ConfigError(
                 f"simulation: wire_quantization must be one of {', '.join(protocol.QUANTIZATIONS)}, "
@@ -269,7 +272,11 @@ class Simulation:
 
     def run(self) -> RunResult:
         self._publish(self.current, 0.0, metrics={})
+        deadline = time.monotonic() + self.cfg.wall_limit_s if self.cfg.wall_limit_s else math.inf
         while not self._done:
+            if time.monotonic() > deadline:
+                self.result.wall_limited = True  # the report says where the run stopped
+                break
             due = self.queue.next_time()
             if self._started and (due is None or due >= min(r.earliest for r in self._started)):
                 self._train_started()  # an arrival may now come before the next event

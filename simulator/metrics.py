@@ -66,6 +66,7 @@ class RunResult:
     cpu_s: float = 0.0
     rounds: int = 0
     end_time: float = 0.0  # virtual time of the last event processed
+    wall_limited: bool = False  # stopped by the wall-clock limit before the horizon
     final: AdapterState | None = None
 
     def add_weight(self, device: str, w: float) -> None:

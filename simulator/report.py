@@ -167,6 +167,7 @@ def markdown(
         f"partition {part.kind}" + (f" (α = {part.alpha:g})" if part.kind == "dirichlet" else ""),
         f"- virtual time: horizon {simulation.horizon_s:g} s"
         + (f", at most {simulation.max_versions} versions" if simulation.max_versions else "")
+        + (f", at most {simulation.wall_limit_s:g} wall s per run" if simulation.wall_limit_s else "")
         + f"; one step = {t.base_step_s:g} s × (batch·seq_len / {t.reference_tokens}) / step_speed"
         + ("; duty cycle honoured" if t.duty_cycle else ""),
         f"- wire: {simulation.wire_quantization} update factors"
@@ -240,7 +241,8 @@ def markdown(
     for r in result.runs:
         out += [f"### {r.variant}", ""]
         out += [
-            f"- rounds trained {r.rounds}, versions {r.versions}, last event at {r.end_time:.1f} s",
+            f"- rounds trained {r.rounds}, versions {r.versions}, last event at {r.end_time:.1f} s"
+            + (" (stopped there by the wall-clock limit)" if r.wall_limited else ""),
             "- staleness at aggregation: " + _histogram(r.staleness),
             "- updates folded per device: " + ", ".join(f"{d} {r.folded.get(d, 0)}" for d in r.devices),
         ]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from alignfed import manifest as mf
 from alignfed.errors import ConfigError
@@ -190,3 +191,16 @@ def test_simulation_on_the_batched_trainer_matches_ort(testbed: Testbed, tiny_bu
         standard_variant("fedbuff", devices=len(batched_bed.devices), k=2), batched_bed, make_sim_config()
     )
     assert to_csv([("b", again.events)]) == to_csv([("b", batched_run.events)])  # deterministic for a seed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch sees none here")
+def test_batched_rounds_on_cuda_equal_ort_rounds(bundle: Path) -> None:
+    """The simulator's GPU path (fp32, TF32 off): ORT's rounds within the CPU path's tolerances."""
+    m = mf.load(bundle)
+    ort, gpu = SharedTrainer(bundle, m), BatchedTrainer(bundle, m, device="cuda")
+    assert gpu.device == "cuda"
+    jobs = _jobs(ort.shapes, m.architecture.vocab)
+    for job, w, g in zip(jobs, ort.train_many(jobs), gpu.train_many(jobs), strict=True):
+        assert g.losses == pytest.approx(w.losses, rel=ORT_LOSS_REL)
+        assert _max_diff(g.tensors, w.tensors) <= ORT_ADAPTER_ATOL
+        assert _max_diff(g.tensors, dict(job.start)) > 10 * ORT_ADAPTER_ATOL

@@ -94,6 +94,17 @@ def test_horizon_and_version_limit_bound_the_run(testbed: Testbed) -> None:
     assert [e.version for e in capped.events if e.kind == "aggregate"] == [1, 2]
 
 
+def test_wall_limit_stops_a_run_where_it_got(testbed: Testbed, monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = _run(testbed, horizon_s=12.0)
+    assert not whole.wall_limited
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(ticks)))  # each reading one wall second on
+    cut = _run(testbed, horizon_s=12.0, wall_limit_s=20.0)
+    assert cut.wall_limited
+    assert 0 < cut.end_time < whole.end_time
+    assert cut.final is not None and cut.curve[-1].version == cut.final.version  # the last version is scored
+
+
 def test_evaluation_at_every_version(testbed: Testbed) -> None:
     run = _run(testbed)
     assert [p.version for p in run.curve] == list(range(run.versions + 1))
@@ -158,6 +169,8 @@ def test_config_errors_name_the_field() -> None:
         make_sim_config(horizon_s=0.0)
     with pytest.raises(ConfigError, match="wire_quantization"):
         make_sim_config(wire_quantization="int4")
+    with pytest.raises(ConfigError, match="wall_limit_s must be ≥ 0 seconds"):
+        make_sim_config(wall_limit_s=-1.0)
     with pytest.raises(ConfigError, match="wire_codec must be one of none, deflate, got 'zstd'"):
         make_sim_config(wire_codec="zstd")
 
