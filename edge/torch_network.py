@@ -146,7 +146,8 @@ class TorchNetwork:
         ids = torch.from_numpy(np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64)[:, :t])).to(self.device)
         target = labels[:, 1:t]  # (N, T−1): position t predicts t + 1
         keep = np.flatnonzero(target.reshape(-1) != -100)  # labelled positions: the only logits needed
-        owner = torch.from_numpy((keep // ((t - 1) * (n // d))).astype(np.int64)).to(self.device)  # adapter per kept
+        # adapter of each kept position (ascending: rows are grouped by adapter) and how many each has
+        counts = np.bincount(keep // ((t - 1) * (n // d)), minlength=d)  # (D,)
         cos, sin = self.cos[:t], self.sin[:t]  # (T, hd)
         future = torch.arange(t, device=self.device)[None, :] > torch.arange(t, device=self.device)[:, None]
         mask = torch.where(future, torch.finfo(torch.float32).min, 0.0)  # (T, T): key after query
@@ -169,9 +170,10 @@ class TorchNetwork:
         each = torch.nn.functional.cross_entropy(
             (h[rows].to(self.compute) @ head.T).float(), gold, reduction="none"
         )  # (K,): the head in the compute dtype, the loss in fp32
-        total = torch.zeros(d, dtype=each.dtype, device=self.device).index_add(0, owner, each)  # (D,)
-        counted = torch.bincount(owner, minlength=d).to(each.dtype)  # (D,)
-        return total / counted  # NaN for an adapter without labelled tokens, as ORT's mean
+        # Per-adapter sums over contiguous segments, not index_add: its atomic float adds on CUDA sum in
+        # a different order every run, and a simulation must repeat bit for bit for its seed.
+        total = torch.stack([seg.sum() for seg in each.split(counts.tolist())])  # (D,)
+        return total / torch.from_numpy(counts).to(each)  # NaN for an adapter without labelled tokens, as ORT's mean
 
     def _place(self, t: Any) -> Any:
         """A frozen base tensor on the device: matrices (2-D) in the compute dtype, vectors fp32."""
