@@ -10,8 +10,10 @@ backend's alone: `resource.getrusage(RUSAGE_SELF).ru_maxrss`, which includes loa
 - `lean-ckpt`: the same with every decoder layer recomputed in backward (profile `checkpointing`);
 - `torch-fp32`: the PyTorch trainer as it was before the lean path (base dequantized to float32,
   whole logits), `TorchTrainer(lean=False)`.
-Peak RSS is the child's VmHWM (/proc/self/status): `ru_maxrss` is useless here because Linux carries
-the parent's peak across fork + exec. Step time is the median of `--steps` timed steps after one
+Children run under jemalloc, preloaded as a device's systemd unit does (edge/allocator.py);
+`--allocators glibc,jemalloc` measures glibc's malloc beside it. Peak RSS is the child's VmHWM
+(/proc/self/status): `ru_maxrss` is useless here because Linux carries the parent's peak across
+fork + exec. Step time is the median of `--steps` timed steps after one
 warm-up step, as wall time and as process CPU time (user + system, all threads): on a shared,
 loaded machine the wall time mostly measures the other tenants, the CPU time much less so.
 
@@ -47,6 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from alignfed import manifest as mf  # noqa: E402
 from alignfed.text import Batch  # noqa: E402
+from edge.allocator import find_jemalloc  # noqa: E402
 
 BACKENDS = ("ort-int8", "lean", "lean-ckpt", "torch-fp32")
 MIN_AVAILABLE_KB = 2_500_000
@@ -155,10 +158,18 @@ def weight_bytes(bundle: Path) -> int:
     return sum(a.nbytes for n, a in read_initializers(bundle / mf.CALIB_MODEL) if not n.startswith("const."))
 
 
-def run_child(args: list[str]) -> dict[str, Any]:
-    """Run one measurement; kill it if the shared machine runs short of memory."""
+def run_child(args: list[str], allocator: str = "glibc") -> dict[str, Any]:
+    """Run one measurement (under jemalloc: preloaded, as a device's unit does); kill it if the
+    shared machine runs short of memory."""
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if allocator == "jemalloc":
+        lib = find_jemalloc()
+        if lib is None:
+            return {"error": "no libjemalloc.so.2 (apt-get install libjemalloc2)"}
+        env["LD_PRELOAD"] = str(lib)
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     killed = False
     while proc.poll() is None:
@@ -195,6 +206,9 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,qwen2.5-0.5b,llama-3.2-1b")
     ap.add_argument("--shapes", default="2x64,4x128")
     ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument(
+        "--allocators", default="jemalloc", help="glibc and/or jemalloc (preloaded, as on a device), comma-separated"
+    )
     ap.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work", default="/tmp/alignfed-bench-lean", help="folder for models and bundles")
@@ -237,14 +251,16 @@ def main() -> None:
             b, t = (int(x) for x in shape.split("x"))
             results = {}
             for backend in args.backends.split(","):  # a progress line per child: big runs take long
-                results[backend] = r = run_child([backend, str(bundle), str(b), str(t), str(args.steps)])
-                print(f"# {name} {b}x{t} {backend}: {json.dumps(r)}", flush=True)
+                for alloc in args.allocators.split(","):
+                    key = backend if alloc == "jemalloc" else f"{backend} (glibc)"
+                    results[key] = r = run_child([backend, str(bundle), str(b), str(t), str(args.steps)], alloc)
+                    print(f"# {name} {b}x{t} {key}: {json.dumps(r)}", flush=True)
             plain, ckpt = floor_mb(
                 weights,
                 lora,
-                results.get("lean", {}).get("saved_bytes"),
+                results.get("lean", results.get("lean (glibc)", {})).get("saved_bytes"),
                 m.architecture.n_layers,
-                results.get("lean-ckpt", {}).get("saved_bytes"),
+                results.get("lean-ckpt", results.get("lean-ckpt (glibc)", {})).get("saved_bytes"),
             )
             for backend, r in results.items():
                 res["rows"].append(

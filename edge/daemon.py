@@ -28,6 +28,7 @@ from alignfed.profiles import estimate_memory_mb
 from alignfed.text import IGNORE, Batch, Batcher, hold_out, load_texts
 from alignfed.topics import Topics
 from alignfed.transport import Transport
+from edge.allocator import current as current_allocator
 from edge.config import DeviceConfig
 from edge.outbox import Outbox
 from edge.trainer import Trainer
@@ -53,8 +54,6 @@ class DeviceStats:
     rejected: int = 0
     losses: list[float] = field(default_factory=list)
     versions_seen: list[int] = field(default_factory=list)
-
-
 
 
 class EdgeDaemon:
@@ -99,6 +98,13 @@ class EdgeDaemon:
         except TrainingError:  # nothing held out, or only examples too short to score
             log.info("%s: no held-out examples; updates carry no eval loss", cfg.device_id)
         self.trainer = self._make_trainer()
+        allocator = current_allocator()
+        log.info(
+            "%s: memory allocator %s%s",
+            cfg.device_id,
+            allocator,
+            "" if allocator != "glibc malloc" else " (training peaks higher than under jemalloc: install libjemalloc2 and re-flash)",
+        )
         self.transport = Transport(
             cfg.broker,
             f"alignfed-{cfg.device_id}",

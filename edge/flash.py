@@ -11,6 +11,7 @@ from alignfed.errors import ConfigError
 from alignfed.profiles import check_arch, load_profile
 from alignfed.topics import check_id
 from alignfed.transport import BrokerConfig
+from edge.allocator import unit_environment
 from edge.memory_fit import check_fits
 from edge.openai_api import write_serve_unit
 
@@ -20,7 +21,7 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-ExecStart={python} -m alignfed.cli edge --config {config}
+{environment}ExecStart={python} -m alignfed.cli edge --config {config}
 Restart=always
 RestartSec=10
 Nice=10
@@ -76,7 +77,9 @@ def flash(
     }
     config = tomlfile.write(target / "device.toml", doc)
     (target / "alignfed-edge.service").write_text(
-        _UNIT.format(device_id=device_id, python=sys.executable, config=config.resolve())
+        _UNIT.format(
+            device_id=device_id, python=sys.executable, config=config.resolve(), environment=unit_environment()
+        )
     )
     write_serve_unit(target, device_id=device_id, python=sys.executable, config=config, host="127.0.0.1", port=8080)
     return config

@@ -30,7 +30,7 @@ step() { echo "== $1 ($(date +%T))"; }
 
 # A fresh Raspberry Pi OS Lite / JetPack image has Python 3.11 but no venv module, compiler or cmake;
 # llama-cpp-python compiles llama.cpp from source and stops with "Could not find the compiler".
-pkgs="python3-venv"
+pkgs="python3-venv libjemalloc2"  # jemalloc: the daemon's unit preloads it (lower training peaks)
 [ "$serving" = 1 ] && pkgs="$pkgs build-essential cmake"
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

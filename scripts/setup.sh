@@ -31,6 +31,14 @@ if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ >/dev/null
 fi
 
+# A device's unit preloads jemalloc (edge/allocator.py); the tests run a step under it.
+if ! dpkg -s libjemalloc2 >/dev/null 2>&1; then
+    echo "== installing libjemalloc2 (apt-get)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libjemalloc2 >/dev/null
+fi
+
 # The dashboard's browser test drives Debian's chromium through its chromedriver (no browser download).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
     echo "== installing chromium and chromium-driver (apt-get)"

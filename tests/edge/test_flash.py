@@ -11,6 +11,7 @@ from alignfed.cli import main
 from alignfed.corpora import DOMAINS, write_domain
 from alignfed.errors import EXIT_CODES
 from alignfed.profiles import host_arch
+from edge.allocator import find_jemalloc
 
 # a profile for this machine's architecture: flash refuses the other's (issue 15, defect 7)
 PROFILE = "x86-laptop" if host_arch() == "x86_64" else "rpi5-8gb"
@@ -38,6 +39,10 @@ def test_a_good_bundle_flashes(
 ) -> None:
     assert run(flash(tmp_path, tiny_bundle, data), capsys) == (0, "")
     assert (tmp_path / "target" / "device.toml").is_file()
+    unit = (tmp_path / "target" / "alignfed-edge.service").read_text()
+    lib = find_jemalloc()
+    assert lib is not None, "libjemalloc2 is not installed: run scripts/setup.sh"
+    assert f"Environment=LD_PRELOAD={lib}\n" in unit  # the daemon trains on jemalloc (edge/allocator.py)
 
 
 def test_a_bundle_whose_hashes_do_not_match_is_refused(
