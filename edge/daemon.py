@@ -103,7 +103,7 @@ class EdgeDaemon:
             "%s: memory allocator %s%s",
             cfg.device_id,
             allocator,
-            "" if allocator != "glibc malloc" else " (training peaks higher than under jemalloc: install libjemalloc2 and re-flash)",
+            "" if allocator != "glibc malloc" else " (peaks higher than jemalloc's: install libjemalloc2, re-flash)",
         )
         self.transport = Transport(
             cfg.broker,
