@@ -74,7 +74,7 @@ FAMILIES: dict[str, Family] = {
             (
                 *_TRACED,
                 "PyTorch trainer = ORT (fp32, int8, lean)",
-                "llama.cpp logits with LoRA (no soft-capping, every 6th layer global)",
+                "llama.cpp logits with LoRA (final soft-capping too; every 6th layer global)",
             ),
         ),
         Family(
@@ -87,7 +87,8 @@ FAMILIES: dict[str, Family] = {
                 *_TRACED,
                 "int8 base",
                 "PyTorch trainer = ORT (fp32, int8, lean)",
-                "fused GGUF LoRA = row blocks (llama.cpp run: not yet)",
+                "fused GGUF LoRA = row blocks",
+                "llama.cpp logits with LoRA",
             ),
         ),
     )

@@ -5,7 +5,10 @@ Tensor names come from gguf-py's own name maps (`gguf.TensorNameMap` for the fam
 loader reads for that architecture. Layout rules, as convert_hf_to_gguf.py applies them:
 - all three use NEOX (rotate-half) RoPE in llama.cpp, so no q/k row permutation;
 - Gemma's RMSNorm scales by (1 + w): llama.cpp multiplies by w, so every `*norm.weight` gets + 1;
-- Phi-3 keeps its fused qkv_proj / gate_up_proj as attn_qkv / ffn_up (same row order).
+- Phi-3 keeps its fused qkv_proj / gate_up_proj as attn_qkv / ffn_up (same row order);
+- Gemma 3's `final_logit_softcapping` goes to `gemma3.final_logit_softcapping`, which llama.cpp's
+  gemma3 graph applies; `attn_logit_softcapping` is written nowhere: transformers' Gemma 3 does not
+  apply it and neither does llama.cpp (both measured in tests/export/test_families_gguf.py).
 What llama.cpp cannot run the same way is refused with the field at fault.
 """
 
@@ -23,10 +26,6 @@ from export import hf_source
 from export.gguf_base import add_vocab, read_vocab, read_weights, write_base_gguf
 
 GGUF_ARCH = {"qwen3": "QWEN3", "gemma3_text": "GEMMA3", "phi3": "PHI3"}  # family -> gguf.MODEL_ARCH member
-# llama-cpp-python 0.3.36 refuses the phi3 file this writer makes ("error loading model vocabulary:
-# unordered_map::at") with the byte-level BPE vocabulary that serves the other families; until
-# that is understood, no phi3 base is written rather than one that does not load.
-NOT_LOADING = {"phi3"}
 GEMMA_SWA_PERIOD = 6  # llama.cpp's gemma3 loader: every 6th layer is global, the others sliding
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -36,9 +35,6 @@ def _check_llama_cpp_can_run(arch: Architecture, cfg: dict[str, Any], source: Pa
         raise ExportError(f"{source}: {field} is {got!r}; llama.cpp's {arch.family} graph needs {want}")
 
     if arch.family == "gemma3_text":
-        for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if cfg.get(field) is not None:
-                refuse(field, cfg[field], "None (Gemma 3 checkpoints do not soft-cap)")
         want = [
             "full_attention" if (i + 1) % GEMMA_SWA_PERIOD == 0 else "sliding_attention" for i in range(arch.n_layers)
         ]
@@ -70,11 +66,6 @@ def write_generic_gguf(model_dir: Path, out_path: Path) -> Path:
     arch = hf_source.read_architecture(model_dir)
     if arch.family not in GGUF_ARCH:
         raise ExportError(f"{model_dir}: no GGUF writer for {arch.family!r}; it covers {', '.join(GGUF_ARCH)}")
-    if arch.family in NOT_LOADING:
-        raise ExportError(
-            f"{model_dir}: a {arch.family} GGUF base is not written yet (llama.cpp does not load it); "
-            "export without the GGUF base (--no-gguf) and bring a GGUF made by llama.cpp's converter"
-        )
     _check_llama_cpp_can_run(arch, cfg, model_dir / hf_source.CONFIG_NAME)
     model_arch = gguf.MODEL_ARCH[GGUF_ARCH[arch.family]]
     names = gguf.TensorNameMap(model_arch, arch.n_layers)
@@ -113,6 +104,8 @@ def write_generic_gguf(model_dir: Path, out_path: Path) -> Path:
             w.add_layer_norm_rms_eps(arch.rms_eps)
             if arch.family == "gemma3_text":
                 w.add_sliding_window(int(cfg.get("sliding_window") or arch.max_seq))
+                if cfg.get("final_logit_softcapping"):
+                    w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
             add_vocab(w, vocab)
             for name, t in tensors.items():
                 w.add_tensor(name, t)

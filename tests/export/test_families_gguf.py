@@ -1,14 +1,18 @@
 """llama.cpp on the traced graph's families: the base GGUF's tensor names are gguf-py's own
 (`gguf.TensorNameMap`), llama.cpp's logits on it equal transformers', and with the exported GGUF
-LoRA they equal transformers' with the adapter merged. Phi-3's fused adapter is checked as math.
+LoRA they equal transformers' with the adapter merged — for Phi-3 with its fused qkv / gate_up
+adapters, for Gemma 3 also with final logit soft-capping and with attention soft-capping set (which
+neither transformers nor llama.cpp applies). Phi-3's fused adapter is also checked as math.
 
-Tolerance, relative to max |logit|: F32 base and F32 KV cache, so for Qwen3 llama.cpp and PyTorch
-differ only in summation order (measured 2e-6); 1e-4 leaves room for other CPUs. Gemma's GELU is
-evaluated by ggml through an fp16 lookup table (measured 7e-5), so it gets 5e-4. An adapter row in
-the wrong place (wrong block, missing permutation) moves logits by ~1, far above both."""
+Tolerance, relative to max |logit|: F32 base and F32 KV cache, so for Qwen3 and Phi-3 llama.cpp and
+PyTorch differ only in summation order (measured 2e-6); 1e-4 leaves room for other CPUs. Gemma's
+GELU is evaluated by ggml through an fp16 lookup table (measured 7e-5), so it gets 5e-4. An adapter
+row in the wrong place (wrong block, missing permutation) moves logits by ~1, far above both, and a
+soft-cap of 30 left out moves them by ~9 (measured)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +25,42 @@ from alignfed.manifest import LoraLayout
 from export.gguf_generic import write_generic_gguf as write_base_gguf
 from export.hf_source import read_architecture
 from export.onnx_graph import lora_shapes
-from export.synthetic import GEMMA3_CONFIG, GEMMA3_LLAMA_CPP_CONFIG, PHI3_CONFIG, QWEN3_CONFIG, write_tiny_model
+from export.synthetic import (
+    GEMMA3_CONFIG,
+    GEMMA3_LLAMA_CPP_CONFIG,
+    PHI3_CONFIG,
+    QWEN3_CONFIG,
+    TinyConfig,
+    write_tiny_model,
+)
 from runtime.llama import Generator
 from tests.support.hf_reference import hf_model, merged_model, random_adapter
 
-TOL = {"qwen3": 1e-4, "gemma3_text": 5e-4}  # relative to max |logit|; see the module docstring
+TOL = {"qwen3": 1e-4, "gemma3_text": 5e-4, "phi3": 1e-4}  # relative to max |logit|; see the module docstring
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 LAYOUT = LoraLayout(ALL_TARGETS, 4, 8.0)
-CONFIGS = {"qwen3": QWEN3_CONFIG, "gemma3_text": GEMMA3_LLAMA_CPP_CONFIG}
+# case -> (family, tiny config, config.json fields set on top)
+CASES: dict[str, tuple[str, TinyConfig, dict[str, float]]] = {
+    "qwen3": ("qwen3", QWEN3_CONFIG, {}),
+    "gemma3_text": ("gemma3_text", GEMMA3_LLAMA_CPP_CONFIG, {}),
+    "gemma3_text-softcap": (
+        "gemma3_text",
+        GEMMA3_LLAMA_CPP_CONFIG,
+        {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    ),
+    "phi3": ("phi3", PHI3_CONFIG, {}),
+}
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_llama_cpp_logits_equal_transformers_with_the_adapter(family: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_llama_cpp_logits_equal_transformers_with_the_adapter(case: str, tmp_path: Path) -> None:
     import gguf
 
-    model_dir = write_tiny_model(tmp_path / "model", CONFIGS[family])
+    family, config, fields = CASES[case]
+    model_dir = write_tiny_model(tmp_path / "model", config)
+    if fields:
+        path = model_dir / "config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | fields))
     arch = read_architecture(model_dir)
     base = write_base_gguf(model_dir, tmp_path / "base.gguf")
     names = {t.name for t in gguf.GGUFReader(base).tensors}
@@ -57,8 +82,7 @@ def test_llama_cpp_logits_equal_transformers_with_the_adapter(family: str, tmp_p
     err = float(np.abs(got_merged - merged).max() / np.abs(merged).max())
     effect = float(np.abs(merged - plain).max())
     print(
-        f"[{family}] llama.cpp vs transformers: base {err_plain:.2e}, "
-        f"with adapter {err:.2e} (adapter moves {effect:.2f})"
+        f"[{case}] llama.cpp vs transformers: base {err_plain:.2e}, with adapter {err:.2e} (adapter moves {effect:.2f})"
     )
     assert effect > 0.5  # the comparison can see a misplaced adapter
     assert err_plain < TOL[family] and err < TOL[family]
@@ -67,16 +91,8 @@ def test_llama_cpp_logits_equal_transformers_with_the_adapter(family: str, tmp_p
 def test_gemma_variants_llama_cpp_cannot_run_are_refused(tmp_path: Path) -> None:
     from alignfed.errors import ExportError
 
-    model_dir = write_tiny_model(tmp_path / "model", GEMMA3_CONFIG)  # soft-capping on
-    with pytest.raises(ExportError, match=r"attn_logit_softcapping is 50.0; llama.cpp's gemma3_text graph needs None"):
-        write_base_gguf(model_dir, tmp_path / "base.gguf")
-
-
-def test_phi3_base_is_refused_rather_than_written_unloadable(tmp_path: Path) -> None:
-    from alignfed.errors import ExportError
-
-    model_dir = write_tiny_model(tmp_path / "model", PHI3_CONFIG)
-    with pytest.raises(ExportError, match=r"a phi3 GGUF base is not written yet"):
+    model_dir = write_tiny_model(tmp_path / "model", GEMMA3_CONFIG)  # its last layer global, not every 6th
+    with pytest.raises(ExportError, match=r"layer_types is \['sliding_attention', 'full_attention'\]; llama.cpp's"):
         write_base_gguf(model_dir, tmp_path / "base.gguf")
 
 
