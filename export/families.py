@@ -89,6 +89,7 @@ FAMILIES: dict[str, Family] = {
                 "PyTorch trainer = ORT (fp32, int8, lean)",
                 "fused GGUF LoRA = row blocks",
                 "llama.cpp logits with LoRA",
+                "federation to version 3 (PyTorch trainer)",
             ),
         ),
     )
