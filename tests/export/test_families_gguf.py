@@ -1,8 +1,9 @@
 """llama.cpp on the traced graph's families: the base GGUF's tensor names are gguf-py's own
 (`gguf.TensorNameMap`), llama.cpp's logits on it equal transformers', and with the exported GGUF
 LoRA they equal transformers' with the adapter merged — for Phi-3 with its fused qkv / gate_up
-adapters, for Gemma 3 also with final logit soft-capping and with attention soft-capping set (which
-neither transformers nor llama.cpp applies). Phi-3's fused adapter is also checked as math.
+adapters and with partial RoPE, for Gemma 3 also with final logit soft-capping, with attention
+soft-capping set (which neither transformers nor llama.cpp applies), and with its own layer layout
+and sliding-layer RoPE base. Phi-3's fused adapter is also checked as math.
 
 Tolerance, relative to max |logit|: F32 base and F32 KV cache, so for Qwen3 and Phi-3 llama.cpp and
 PyTorch differ only in summation order (measured 2e-6); 1e-4 leaves room for other CPUs. Gemma's
@@ -48,7 +49,10 @@ CASES: dict[str, tuple[str, TinyConfig, dict[str, float]]] = {
         GEMMA3_LLAMA_CPP_CONFIG,
         {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
     ),
-    "phi3": ("phi3", PHI3_CONFIG, {}),
+    # its own layer layout (last layer global, not every 6th) and sliding layers' RoPE base, both
+    # only right in llama.cpp through the keys written for them; soft-capping on
+    "gemma3_text-layout": ("gemma3_text", GEMMA3_CONFIG, {"rope_theta": 1e6, "rope_local_base_freq": 1e5}),
+    "phi3": ("phi3", PHI3_CONFIG, {}),  # partial RoPE: 3/4 of each head
 }
 
 
@@ -91,8 +95,12 @@ def test_llama_cpp_logits_equal_transformers_with_the_adapter(case: str, tmp_pat
 def test_gemma_variants_llama_cpp_cannot_run_are_refused(tmp_path: Path) -> None:
     from alignfed.errors import ExportError
 
-    model_dir = write_tiny_model(tmp_path / "model", GEMMA3_CONFIG)  # its last layer global, not every 6th
-    with pytest.raises(ExportError, match=r"layer_types is \['sliding_attention', 'full_attention'\]; llama.cpp's"):
+    model_dir = write_tiny_model(tmp_path / "model", GEMMA3_CONFIG)
+    path = model_dir / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"query_pre_attn_scalar": 256}))
+    with pytest.raises(
+        ExportError, match=r"query_pre_attn_scalar is 256; llama.cpp's gemma3_text graph needs head_dim"
+    ):
         write_base_gguf(model_dir, tmp_path / "base.gguf")
 
 
@@ -121,3 +129,38 @@ def test_phi3_fused_adapter_is_the_row_blocks_of_each_projection(tmp_path: Path)
     assert set(named) == {
         f"blk.{i}.{stem}.weight.lora_{f}" for i in range(2) for stem in ("attn_qkv", "ffn_up") for f in "ab"
     }
+
+
+def test_gemma_rope_bases_from_a_transformers5_config(tmp_path: Path) -> None:
+    """transformers 5 saves Gemma 3's two RoPE bases as `rope_parameters` per layer type: the
+    architecture, the GGUF and the PyTorch trainer's switches all read the right one per layer."""
+    import gguf
+
+    from alignfed.errors import ExportError, TrainingError
+    from edge.torch_families import from_config
+
+    model_dir = write_tiny_model(tmp_path / "model", GEMMA3_CONFIG)  # layers: sliding, full
+    path = model_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    for flat in ("rope_theta", "rope_local_base_freq"):
+        del cfg[flat]
+    nested = {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e5},
+    }
+    path.write_text(json.dumps(cfg | {"rope_parameters": nested}))
+    arch = read_architecture(model_dir)
+    assert arch.rope_theta == 1e6
+    fields = {
+        f.name: f.contents() for f in gguf.GGUFReader(write_base_gguf(model_dir, tmp_path / "b.gguf")).fields.values()
+    }
+    assert (fields["gemma3.rope.freq_base"], fields["gemma3.rope.freq_base_swa"]) == (1e6, 1e5)
+    assert fields["gemma3.attention.sliding_window_pattern"] == [True, False]
+    assert from_config(arch, json.loads(path.read_text()), path).rope_thetas == (1e5, 1e6)
+
+    nested["full_attention"] = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}  # Gemma 3 4B's
+    path.write_text(json.dumps(cfg | {"rope_parameters": nested}))
+    with pytest.raises(ExportError, match=r"rope scaling is .*'linear'.*; llama.cpp's gemma3_text graph needs plain"):
+        write_base_gguf(model_dir, tmp_path / "c.gguf")
+    with pytest.raises(TrainingError, match=r"rope type 'linear' \(full_attention\) is not supported"):
+        from_config(arch, json.loads(path.read_text()), path)
