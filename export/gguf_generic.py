@@ -48,9 +48,8 @@ def _check_llama_cpp_can_run(arch: Architecture, cfg: dict[str, Any], source: Pa
         scalar = cfg.get("query_pre_attn_scalar", arch.head_dim)
         if scalar != arch.head_dim:
             refuse("query_pre_attn_scalar", scalar, f"head_dim ({arch.head_dim})")
-    if arch.family == "phi3":
-        if cfg.get("sliding_window") is not None:
-            refuse("sliding_window", cfg["sliding_window"], "None")
+    if arch.family == "phi3" and cfg.get("sliding_window") is not None:
+        refuse("sliding_window", cfg["sliding_window"], "None")
 
 
 def gemma_layer_types(arch: Architecture, cfg: dict[str, Any]) -> list[str]:
