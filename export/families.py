@@ -74,7 +74,7 @@ FAMILIES: dict[str, Family] = {
             (
                 *_TRACED,
                 "PyTorch trainer = ORT (fp32, int8, lean)",
-                "llama.cpp logits with LoRA (final soft-capping too; every 6th layer global)",
+                "llama.cpp logits with LoRA (final soft-capping, own layer layout and local RoPE base)",
             ),
         ),
         Family(
@@ -82,7 +82,7 @@ FAMILIES: dict[str, Family] = {
             "Phi3ForCausalLM",
             "traced",
             False,
-            "fused qkv and gate_up projections",
+            "fused qkv and gate_up projections, partial RoPE",
             (
                 *_TRACED,
                 "int8 base",
