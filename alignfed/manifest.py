@@ -35,6 +35,9 @@ CHECKPOINT = f"{TRAIN_DIR}/{CHECKPOINT_FILE}"
 ADAPTER_INIT = "train/adapter_init.safetensors"  # the LoRA tensors every federation starts from
 CALIB_MODEL = "calib/calib_model.onnx"
 CALIB_DATA = "calib/calibration.jsonl"  # the calibration set chosen at export: {"text": ...} per line
+# the transformers config the network was built from (model_type and its fields): what the PyTorch
+# trainer reads for a family's details the manifest's Architecture does not carry (edge/torch_families.py)
+MODEL_CONFIG = "calib/model_config.json"
 
 # Frozen base projections inside the bundle's ONNX models (export/onnx_graph.py), by HF weight
 # name `hf`: fp32 `{hf}.T` (in, out); int8 `{hf}.T.int8` (in, out) with per-output `{hf}.scale`

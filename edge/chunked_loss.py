@@ -6,6 +6,9 @@ gradient with respect to the hidden states is formed in the same pass — d loss
 (softmax(h_i Wᵀ) − onehot(y_i)) W / n_valid (the head W is frozen, no gradient) — so what autograd
 keeps is dh (N, H), not the logits. The mean is over labels ≠ −100, as ONNX
 SoftmaxCrossEntropyLoss(reduction="mean", ignore_index=−100) and HF compute it.
+
+With logit soft-capping (Gemma: z = c·tanh(u / c), u = h Wᵀ) the chain rule adds the factor
+dz/du = 1 − (z / c)² to each logit's gradient, computed from the same chunk's z.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ def _chunks(n: int, chunk: int) -> range:
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, h: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, chunk: int, softcap: float | None
+    ) -> torch.Tensor:
         # h: (N, H), head: (V, H), labels: (N,) int64
         valid = labels != IGNORE_INDEX
         n_valid = int(valid.sum())
@@ -34,6 +39,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for s in _chunks(h.shape[0], chunk):
             y = labels[s : s + chunk]
             logits = h[s : s + chunk] @ head.T  # (c, V)
+            if softcap is not None:
+                logits = (logits / softcap).tanh() * softcap
             logp = logits.log_softmax(dim=-1)
             keep = y != IGNORE_INDEX
             safe = torch.where(keep, y, 0)
@@ -42,6 +49,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 probs = logp.exp_()  # (c, V) in place: softmax
                 probs[torch.arange(len(y)), safe] -= 1.0
                 probs[~keep] = 0.0
+                if softcap is not None:  # through z = c·tanh(u / c): × (1 − (z / c)²)
+                    probs *= 1.0 - (logits / softcap) ** 2
                 dh[s : s + chunk] = probs @ head  # (c, H)
         # No valid label: ONNX/HF give NaN (0/0); keep that, it marks an empty batch the same way.
         loss = total / n_valid if n_valid else total * float("nan")
@@ -50,14 +59,19 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx: Any, dloss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, dloss: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         (dh,) = ctx.saved_tensors
-        return dh * dloss, None, None, None
+        return dh * dloss, None, None, None, None
 
 
 def chunked_head_loss(
-    h: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, chunk: int = DEFAULT_CHUNK
+    h: torch.Tensor,
+    head: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of logits h @ headᵀ against labels (−100 ignored); h (N, H), head (V, H)."""
-    out: torch.Tensor = _ChunkedHeadLoss.apply(h, head, labels, chunk)
+    """Mean cross-entropy of logits h @ headᵀ (soft-capped to ±softcap when given) against labels
+    (−100 ignored); h (N, H), head (V, H)."""
+    out: torch.Tensor = _ChunkedHeadLoss.apply(h, head, labels, chunk, softcap)
     return out

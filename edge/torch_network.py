@@ -4,7 +4,9 @@ It runs the same network as the bundle's ONNX graph (export/onnx_graph.py: RMSNo
 rotate-half RoPE, grouped-query eager attention with HF's additive causal mask, SwiGLU, shifted
 cross-entropy with ignore index −100, Qwen2's q/k/v bias) on the frozen base weights read from the
 bundle's calibration model — the int8 bundle's weights are dequantized exactly as
-`DequantizeLinear` does, so it computes the numbers the ORT graph computes.
+`DequantizeLinear` does, so it computes the numbers the ORT graph computes. The other families'
+differences (Qwen3's q/k norms, Gemma 3's norms, scales, logit soft-capping and sliding windows, Phi-3's
+fused projections and partial RoPE) are switches read by `edge.torch_families`.
 
 The rows of a batch belong to D adapters (D = 1 for one device): rows [d·B, (d+1)·B) use adapter
 d. The frozen base runs once over all D·B rows; each adapted projection adds its own adapter's
@@ -26,10 +28,13 @@ import numpy as np
 from alignfed import lora
 from alignfed import manifest as mf
 from alignfed.errors import BundleError, TrainingError
-from alignfed.rope import rope_tables
+from alignfed.rope import rope_table
+from edge import torch_families
+from edge.torch_families import TORCH_FAMILIES
+
+__all__ = ["TORCH_FAMILIES", "TorchNetwork", "base_weights", "import_torch", "pick_device"]
 
 QKV_BIAS = ("q", "k", "v")  # projections with a bias when Architecture.qkv_bias (Qwen2)
-TORCH_FAMILIES = ("llama", "qwen2")  # the families whose forward pass this module writes by hand
 
 
 def import_torch() -> Any:
@@ -102,11 +107,7 @@ class TorchNetwork:
         torch = self._torch = import_torch()
         self.compute = compute or torch.float32
         self.arch = a = manifest.architecture
-        if a.family not in TORCH_FAMILIES:  # its forward pass is Llama's; others would train silently wrong
-            raise TrainingError(
-                f"the torch trainer backend runs {', '.join(TORCH_FAMILIES)}, not {a.family!r}; "
-                "train this bundle with the ort backend"
-            )
+        self.traits = torch_families.load(bundle, a)  # refuses a family without a forward pass here
         self.scale = manifest.lora.scale
         self.targets = set(manifest.lora.targets)
         self.device = device
@@ -123,8 +124,10 @@ class TorchNetwork:
         if missing:
             raise BundleError(f"{bundle}: calibration model lacks base tensors {missing}")
         self.w = w
-        cos, sin = rope_tables(a)  # (S, hd)
-        self.cos, self.sin = torch.from_numpy(cos).to(device), torch.from_numpy(sin).to(device)
+        self.rope = {  # RoPE base -> cos, sin (S, rotary_dim)
+            theta: tuple(torch.from_numpy(x).to(device) for x in rope_table(theta, self.traits.rotary_dim, a.max_seq))
+            for theta in set(self.traits.rope_thetas)
+        }
 
     def losses(self, input_ids: np.ndarray, labels: np.ndarray, params: Mapping[str, Any]) -> Any:
         """(D,) mean token loss of each adapter's rows.
@@ -148,11 +151,14 @@ class TorchNetwork:
         keep = np.flatnonzero(target.reshape(-1) != -100)  # labelled positions: the only logits needed
         # adapter of each kept position (ascending: rows are grouped by adapter) and how many each has
         counts = np.bincount(keep // ((t - 1) * (n // d)), minlength=d)  # (D,)
-        cos, sin = self.cos[:t], self.sin[:t]  # (T, hd)
-        future = torch.arange(t, device=self.device)[None, :] > torch.arange(t, device=self.device)[:, None]
-        mask = torch.where(future, torch.finfo(torch.float32).min, 0.0)  # (T, T): key after query
+        rope = {theta: (cos[:t], sin[:t]) for theta, (cos, sin) in self.rope.items()}  # (T, rotary_dim)
+        masks = {window: self._mask(t, window) for window in set(self.traits.windows)}  # (T, T)
         h = w["model.embed_tokens.weight"][ids].float()  # (N, T, H)
+        if self.traits.embed_scale != 1.0:
+            h = h * self.traits.embed_scale
         for i in range(a.n_layers):
+            cos, sin = rope[self.traits.rope_thetas[i]]
+            mask = masks[self.traits.windows[i]]
             if self.checkpoint and torch.is_grad_enabled():  # keep only h (N, T, H) per layer
                 from torch.utils.checkpoint import checkpoint
 
@@ -163,13 +169,15 @@ class TorchNetwork:
         rows = torch.from_numpy(keep).to(self.device)
         head = w["model.embed_tokens.weight"] if a.tie_embeddings else w["lm_head.weight"]  # (V, H)
         gold = torch.from_numpy(target.reshape(-1)[keep]).to(self.device)  # (K,)
+        cap = self.traits.final_softcap
         if self.lean and d == 1:  # the (K, V) logits and their gradient never exist whole
             from edge.chunked_loss import chunked_head_loss
 
-            return chunked_head_loss(h[rows], head, gold, self.loss_chunk).reshape(1)
-        each = torch.nn.functional.cross_entropy(
-            (h[rows].to(self.compute) @ head.T).float(), gold, reduction="none"
-        )  # (K,): the head in the compute dtype, the loss in fp32
+            return chunked_head_loss(h[rows], head, gold, self.loss_chunk, softcap=cap).reshape(1)
+        logits = (h[rows].to(self.compute) @ head.T).float()  # (K, V): the head in the compute dtype
+        if cap is not None:
+            logits = (logits / cap).tanh() * cap
+        each = torch.nn.functional.cross_entropy(logits, gold, reduction="none")  # (K,) in fp32
         # Per-adapter sums over contiguous segments, not index_add: its atomic float adds on CUDA sum in
         # a different order every run, and a simulation must repeat bit for bit for its seed.
         total = torch.stack([seg.sum() for seg in each.split(counts.tolist())])  # (D,)
@@ -180,29 +188,67 @@ class TorchNetwork:
         t = t.to(self.device)
         return t.to(self.compute) if t.ndim == 2 else t
 
-    def _decoder_layer(
-        self, h: Any, i: int, cos: Any, sin: Any, mask: Any, params: Mapping[str, Any]
-    ) -> Any:
+    def _mask(self, t: int, window: int) -> Any:
+        """(T, T) additive mask: −inf-like where the key is after the query, or (window > 0) where
+        it is `window` or more positions before it (transformers' sliding_window_overlay)."""
+        torch = self._torch
+        pos = torch.arange(t, device=self.device)
+        hidden = pos[None, :] > pos[:, None]  # key after query
+        if window:
+            hidden = hidden | (pos[None, :] <= pos[:, None] - window)
+        return torch.where(hidden, torch.finfo(torch.float32).min, 0.0)
+
+    def _decoder_layer(self, h: Any, i: int, cos: Any, sin: Any, mask: Any, params: Mapping[str, Any]) -> Any:
         p = f"model.layers.{i}."
-        h = h + self._attention(self._rms(h, self.w[p + "input_layernorm.weight"]), i, cos, sin, mask, params)
+        attn = self._attention(self._rms(h, self.w[p + "input_layernorm.weight"]), i, cos, sin, mask, params)
+        if self.traits.sandwich_norms:  # Gemma 3: norm the attention output, and the MLP's input and output
+            h = h + self._rms(attn, self.w[p + "post_attention_layernorm.weight"])
+            mlp = self._mlp(self._rms(h, self.w[p + "pre_feedforward_layernorm.weight"]), i, params)
+            return h + self._rms(mlp, self.w[p + "post_feedforward_layernorm.weight"])
+        h = h + attn
         return h + self._mlp(self._rms(h, self.w[p + "post_attention_layernorm.weight"]), i, params)
 
     def _rms(self, x: Any, weight: Any) -> Any:
         var = (x * x).mean(dim=-1, keepdim=True)  # (N, T, 1)
+        if self.traits.norm_offset:  # Gemma: x·rsqrt(var + eps)·(1 + w)
+            return x / (var + self.arch.rms_eps).sqrt() * (weight + self.traits.norm_offset)
         return x / (var + self.arch.rms_eps).sqrt() * weight
 
-    def _linear(self, x: Any, layer: int, module: str, params: Mapping[str, Any]) -> Any:
-        """x (N, T, in) -> (N, T, out): frozen projection (+ bias) + each adapter's s·(x Aᵀ) Bᵀ."""
-        hf = lora.hf_weight_name(layer, module)
+    def _frozen(self, x: Any, hf: str) -> Any:
+        """x (N, T, in) -> (N, T, out) through the frozen weight `hf` (out, in)."""
         base = self.w[hf]
         if self.lean and not self._torch.is_tensor(base):  # an Int8Weight: dequantized inside the matmul
             from edge.lean_linear import int8_matmul
 
-            y = int8_matmul(x, base)
-        else:
-            y = (x.to(self.compute) @ base.T).float()  # frozen base in the compute dtype, fp32 out
+            return int8_matmul(x, base)
+        return (x.to(self.compute) @ base.T).float()  # frozen base in the compute dtype, fp32 out
+
+    def _projections(self, x: Any, layer: int, modules: tuple[str, ...], params: Mapping[str, Any]) -> list[Any]:
+        """The outputs of `modules` on x: one matmul per fused weight (Phi-3's qkv_proj, gate_up_proj),
+        split into its row blocks; each logical projection gets its own adapter."""
+        spec = lora.fused_spec(self.arch.family, modules[0])
+        if spec is None:
+            return [self._linear(x, layer, m, params) for m in modules]
+        if spec.parts != modules:
+            raise TrainingError(f"{spec.hf} holds {spec.parts}, asked for {modules}")
+        fused = self._frozen(x, f"model.layers.{layer}.{spec.hf}.weight")  # (N, T, Σ out)
+        outs, start = [], 0
+        for m in modules:
+            width = self.arch.in_out(m)[1]
+            outs.append(self._adapted(fused[..., start : start + width], x, layer, m, params))
+            start += width
+        return outs
+
+    def _linear(self, x: Any, layer: int, module: str, params: Mapping[str, Any]) -> Any:
+        """x (N, T, in) -> (N, T, out): frozen projection (+ bias) + each adapter's s·(x Aᵀ) Bᵀ."""
+        hf = lora.hf_weight_name(layer, module)
+        y = self._frozen(x, hf)
         if self.arch.qkv_bias and module in QKV_BIAS:
             y = y + self.w[hf[: -len("weight")] + "bias"]
+        return self._adapted(y, x, layer, module, params)
+
+    def _adapted(self, y: Any, x: Any, layer: int, module: str, params: Mapping[str, Any]) -> Any:
+        """y (N, T, out) + each adapter's s·(x Aᵀ) Bᵀ when `module` is a target."""
         if module in self.targets:
             a_ = params[lora.key(layer, module, "A")]  # (D, r, in)
             b_ = params[lora.key(layer, module, "B")]  # (D, out, r)
@@ -213,7 +259,14 @@ class TorchNetwork:
         return y
 
     def _rope(self, x: Any, cos: Any, sin: Any) -> Any:
-        half = self.arch.head_dim // 2
+        """Rotate-half RoPE on the first rotary_dim channels of each head (all but Phi-3's partial)."""
+        rd = self.traits.rotary_dim
+        if rd != self.arch.head_dim:
+            return self._torch.cat([self._rope_full(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
+        return self._rope_full(x, cos, sin)
+
+    def _rope_full(self, x: Any, cos: Any, sin: Any) -> Any:
+        half = x.shape[-1] // 2
         rot = self._torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rot * sin
 
@@ -225,15 +278,24 @@ class TorchNetwork:
         def heads(y: Any, n: int) -> Any:  # (N, T, n·hd) -> (N, n, T, hd)
             return y.reshape(b, t, n, hd).transpose(1, 2)
 
-        q = self._rope(heads(self._linear(x, layer, "q", params), nh), cos, sin)
-        k = self._rope(heads(self._linear(x, layer, "k", params), nkv), cos, sin)
-        v = heads(self._linear(x, layer, "v", params), nkv)
+        q, k, v = self._projections(x, layer, ("q", "k", "v"), params)
+        q, k, v = heads(q, nh), heads(k, nkv), heads(v, nkv)
+        if self.traits.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head before RoPE
+            p = f"model.layers.{layer}.self_attn."
+            q, k = self._rms(q, self.w[p + "q_norm.weight"]), self._rms(k, self.w[p + "k_norm.weight"])
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         q5 = q.reshape(b, nkv, nh // nkv, t, hd)  # query head j reads kv head j // rep (HF repeat_kv)
-        scores = q5 @ k.unsqueeze(2).transpose(-1, -2) * float(hd) ** -0.5 + mask  # (N, nkv, rep, T, T)
+        scores = q5 @ k.unsqueeze(2).transpose(-1, -2) * self.traits.query_scale + mask  # (N, nkv, rep, T, T)
         ctx = scores.softmax(dim=-1) @ v.unsqueeze(2)  # (N, nkv, rep, T, hd)
         ctx = ctx.reshape(b, nh, t, hd).transpose(1, 2).reshape(b, t, nh * hd)
         return self._linear(ctx, layer, "o", params)
 
     def _mlp(self, x: Any, layer: int, params: Mapping[str, Any]) -> Any:
-        gate = self._linear(x, layer, "gate", params)
-        return self._linear(gate * gate.sigmoid() * self._linear(x, layer, "up", params), layer, "down", params)
+        gate, up = self._projections(x, layer, ("gate", "up"), params)
+        return self._linear(self._act(gate) * up, layer, "down", params)
+
+    def _act(self, x: Any) -> Any:
+        kind = self.traits.activation
+        if kind == "silu":
+            return x * x.sigmoid()
+        return self._torch.nn.functional.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")

@@ -8,6 +8,7 @@ The manifest is written last and removed first, so a folder with a manifest is a
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Iterable
@@ -184,6 +185,9 @@ def export_bundle(
         if calib is None:
             calib = build_model(arch, weights, layout, {}, mode="calib", quantization=quantization)
         save_onnx(calib, out_dir / mf.CALIB_MODEL)
+        from export.traced_graph import source_config
+
+        (out_dir / mf.MODEL_CONFIG).write_text(json.dumps(source_config(source), indent=2, sort_keys=True))
         del calib, weights
         calibration_entry = write_calibration_set(out_dir, calibration)
         bar.update()

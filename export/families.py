@@ -63,7 +63,7 @@ FAMILIES: dict[str, Family] = {
             "traced",
             False,
             "q/k RMSNorm, decoupled head_dim",
-            (*_TRACED, "llama.cpp logits with LoRA", "federation to version 3"),
+            (*_TRACED, "PyTorch trainer = ORT (int8, lean)", "llama.cpp logits with LoRA", "federation to version 3"),
         ),
         Family(
             "gemma3_text",
@@ -71,15 +71,26 @@ FAMILIES: dict[str, Family] = {
             "traced",
             True,
             "Gemma norms, GELU, logit soft-capping, sliding-window layers",
-            (*_TRACED, "llama.cpp logits with LoRA (no soft-capping, every 6th layer global)"),
+            (
+                *_TRACED,
+                "PyTorch trainer = ORT (fp32, int8, lean)",
+                "llama.cpp logits with LoRA (final soft-capping, own layer layout and local RoPE base)",
+            ),
         ),
         Family(
             "phi3",
             "Phi3ForCausalLM",
             "traced",
             False,
-            "fused qkv and gate_up projections",
-            (*_TRACED, "int8 base", "fused GGUF LoRA = row blocks (llama.cpp run: not yet)"),
+            "fused qkv and gate_up projections, partial RoPE",
+            (
+                *_TRACED,
+                "int8 base",
+                "PyTorch trainer = ORT (fp32, int8, lean)",
+                "fused GGUF LoRA = row blocks",
+                "llama.cpp logits with LoRA",
+                "federation to version 3 (PyTorch trainer)",
+            ),
         ),
     )
 }

@@ -6,7 +6,8 @@ in seconds, and exercises exactly the code paths of a real base model. Weights a
 torch is needed to make one. A Qwen2 model differs by its q/k/v biases, its RoPE base and its
 tokenizer, which splits text with Qwen2's regex (llama.cpp pre-tokenizer "qwen2"). Qwen3 adds
 q/k RMSNorms (and here a head_dim decoupled from hidden / heads); Gemma 3 adds its four norms per
-layer, logit soft-capping and a sliding-window layer; Phi-3 fuses qkv and gate_up.
+layer, logit soft-capping and a sliding-window layer; Phi-3 fuses qkv and gate_up (and here rotates
+3/4 of each head, as Phi-4-mini does).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class TinyConfig:
     sliding_window: int = 0  # Gemma 3: window of its sliding layers
     # Gemma 3: logit soft-capping on, and the last layer global (not every 6th, llama.cpp's rule)
     gemma_variant: bool = False
+    partial_rotary: float = 1.0  # Phi-3 family: RoPE on this leading fraction of each head (Phi-4-mini: 0.75)
 
 
 QWEN2_CONFIG = TinyConfig(family="qwen2", rope_theta=1e6, rms_eps=1e-6, tie_embeddings=True, seed=4)
@@ -60,7 +62,7 @@ GEMMA3_CONFIG = TinyConfig(
 )
 # What llama.cpp's gemma3 graph runs: no soft-capping, every 6th layer global (both layers sliding here)
 GEMMA3_LLAMA_CPP_CONFIG = TinyConfig(family="gemma3_text", rms_eps=1e-6, tie_embeddings=True, sliding_window=4, seed=9)
-PHI3_CONFIG = TinyConfig(family="phi3", seed=8)
+PHI3_CONFIG = TinyConfig(family="phi3", seed=8, partial_rotary=0.75)
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
@@ -225,7 +227,11 @@ def write_tiny_model(out: Path, cfg: TinyConfig) -> Path:
         }
     if cfg.family == "phi3":
         del config["attention_bias"], config["mlp_bias"]
-        config |= {"original_max_position_embeddings": cfg.max_seq, "pad_token_id": eos}
+        config |= {
+            "original_max_position_embeddings": cfg.max_seq,
+            "pad_token_id": eos,
+            "partial_rotary_factor": cfg.partial_rotary,
+        }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "model_max_length": cfg.max_seq})

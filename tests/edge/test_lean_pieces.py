@@ -15,16 +15,20 @@ from edge.lean_linear import Int8Weight, int8_matmul
 from edge.onnx_weights import read_initializers
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])  # 5: logits here reach ~±15, so the cap bends most
 @pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_chunked_loss_and_gradient_match_full_cross_entropy(chunk: int) -> None:
+def test_chunked_loss_and_gradient_match_full_cross_entropy(chunk: int, softcap: float | None) -> None:
     g = torch.Generator().manual_seed(0)
     h = torch.randn(23, 16, generator=g, dtype=torch.float32, requires_grad=True)  # (N, H)
     head = torch.randn(50, 16, generator=g)  # (V, H)
     labels = torch.randint(0, 50, (23,), generator=g)
     labels[[2, 9, 10]] = -100
-    want = torch.nn.functional.cross_entropy(h @ head.T, labels, ignore_index=-100)
+    logits = h @ head.T
+    if softcap is not None:  # Gemma's final_logit_softcapping, as transformers writes it
+        logits = torch.tanh(logits / softcap) * softcap
+    want = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
     (want_grad,) = torch.autograd.grad(want * 3.0, h)
-    got = chunked_head_loss(h, head, labels, chunk)
+    got = chunked_head_loss(h, head, labels, chunk, softcap=softcap)
     (got_grad,) = torch.autograd.grad(got * 3.0, h)  # an upstream factor reaches dh
     # float32, different summation order only: 1e-6 relative on the loss, 1e-6 absolute on dh
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)

@@ -27,7 +27,19 @@ from edge.selfcheck import check_matmul
 from edge.torch_trainer import TorchTrainer
 
 LR = 0.01
-PARAMS = [("llama", "fp32"), ("llama", "int8"), ("qwen2", "fp32")]
+# The families the export traces (Qwen3's q/k norms; Gemma 3's norms, scales, logit soft-capping and
+# a sliding window shorter than the batch; Phi-3's fused projections), each as an int8 bundle (its
+# "fp32" mode dequantizes, "lean" keeps int8) and Gemma 3 / Phi-3 as fp32 ones too.
+PARAMS = [
+    ("llama", "fp32"),
+    ("llama", "int8"),
+    ("qwen2", "fp32"),
+    ("qwen3", "int8"),
+    ("gemma3_text", "fp32"),
+    ("gemma3_text", "int8"),
+    ("phi3", "fp32"),
+    ("phi3", "int8"),
+]
 PREEXPORTED = os.environ.get("ALIGNFED_PREEXPORTED", "")
 AARCH64 = platform.machine().lower() in ("aarch64", "arm64")
 REFERENCE = "ort_reference.npz"
@@ -47,9 +59,9 @@ def _batches(vocab: int, n: int, seed: int = 0) -> list[Batch]:
 def export_case(family: str, quant: str, work: Path) -> Path:
     """Export the tiny bundle of one case into `work`/bundle (needs the export extra and ORT training)."""
     from export.bundle import export_bundle
-    from export.synthetic import write_tiny_llama, write_tiny_qwen2
+    from export.synthetic import TINY_CONFIGS, write_tiny_model
 
-    model = (write_tiny_llama if family == "llama" else write_tiny_qwen2)(work / "model")
+    model = write_tiny_model(work / "model", TINY_CONFIGS[family])
     targets = ("q", "k", "v", "o", "gate", "up", "down")
     export_bundle(
         model, work / "bundle", targets=targets, rank=4, alpha=8.0, quantization=quant, seed=0, write_gguf=False

@@ -151,17 +151,29 @@ def test_int8_base_is_dequantize_matmul(family: str, tmp_path: Path) -> None:
     assert abs(losses[1] - losses[0]) < 2e-2 * losses[0]
 
 
-def test_torch_trainer_refuses_a_family_it_cannot_run(family_bundle: tuple[Path, Path]) -> None:
-    from alignfed.errors import TrainingError
+def test_torch_trainer_runs_every_family_and_names_what_it_lacks(
+    family_bundle: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Parity with ORT is tests/edge/test_torch_trainer.py; here: what a bundle must give it."""
+    import dataclasses
+
+    from alignfed.errors import BundleError, TrainingError
     from edge.torch_network import TORCH_FAMILIES
     from edge.torch_trainer import TorchTrainer
 
     _, bundle = family_bundle
     manifest = mf.load(bundle)
-    if manifest.architecture.family in TORCH_FAMILIES:
-        pytest.skip("the torch trainer's own tests cover llama and qwen2")
-    with pytest.raises(TrainingError, match=rf"not '{manifest.architecture.family}'; train this bundle with the ort"):
-        TorchTrainer(bundle, manifest, lr=1e-3, threads=1)
+    assert manifest.architecture.family in TORCH_FAMILIES
+    alien = dataclasses.replace(manifest, architecture=dataclasses.replace(manifest.architecture, family="mamba"))
+    with pytest.raises(TrainingError, match=r"runs llama, qwen2, qwen3, gemma3_text, phi3, not 'mamba'; train this"):
+        TorchTrainer(bundle, alien, lr=1e-3, threads=1)
+    if manifest.architecture.family in ("llama", "qwen2"):
+        return  # plain Llama: bundles from before the model config train without it
+    old = tmp_path / "bundle"
+    shutil.copytree(bundle, old)
+    (old / mf.MODEL_CONFIG).unlink()
+    with pytest.raises(BundleError, match=r"model_config.json: missing; a \w+ bundle needs it for the torch trainer"):
+        TorchTrainer(old, manifest, lr=1e-3, threads=1)
 
 
 def test_auto_picks_traced_for_new_families_and_hand_written_for_llama(tmp_path: Path) -> None:

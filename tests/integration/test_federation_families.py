@@ -1,6 +1,8 @@
-"""A federation on a family the traced graph exports (Qwen3: q/k norms, decoupled head_dim):
-coordinator and two ORT edge daemons, each its own process, over a real Mosquitto broker, reach
-global version 3 with the AlignFed strategy (its calibration runner runs the traced calib model)."""
+"""Federations on families the traced graph exports: a coordinator and two edge daemons, each its
+own process, over a real Mosquitto broker, reach global version 3 with the AlignFed strategy (its
+calibration runner runs the traced calib model). Qwen3 (q/k norms, decoupled head_dim) trains with
+the ORT backend; Phi-3 (fused qkv and gate_up projections) with the PyTorch one, the backend of
+aarch64 boards, so its family forward pass (edge/torch_families.py) is what makes the updates."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from alignfed.corpora import DOMAINS, write_domain
 from coordinator.store import Store
 from demo.local import DeviceSpec, lay_out
 from export.bundle import export_bundle
-from export.synthetic import QWEN3_CONFIG, write_tiny_model
+from export.synthetic import PHI3_CONFIG, QWEN3_CONFIG, TinyConfig, write_tiny_model
 from tests.support.broker import Mosquitto
 from tests.support.federation import fast_profile, spawn, wait_for
 
@@ -27,11 +29,19 @@ def read_logs(root: Path) -> str:
     return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(root.glob("*.log")))
 
 
-def test_qwen3_federation_reaches_version_3(tmp_path: Path, broker: Mosquitto) -> None:
-    model_dir = write_tiny_model(tmp_path / "qwen3", QWEN3_CONFIG)
+CASES: dict[str, tuple[TinyConfig, str, tuple[str, ...]]] = {  # family config, trainer, LoRA targets
+    "qwen3-ort": (QWEN3_CONFIG, "ort", ("q", "v")),
+    "phi3-torch": (PHI3_CONFIG, "torch", ("q", "v", "up")),  # two of three qkv blocks, one of gate_up
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_federation_of_a_traced_family_reaches_version_3(tmp_path: Path, broker: Mosquitto, case: str) -> None:
+    config, trainer, targets = CASES[case]
+    model_dir = write_tiny_model(tmp_path / config.family, config)
     bundle = tmp_path / "bundle"
-    export_bundle(model_dir, bundle, targets=("q", "v"), rank=4, alpha=8.0)  # traced graph + qwen3 GGUF
-    profile = fast_profile(tmp_path / "fast.toml")
+    export_bundle(model_dir, bundle, targets=targets, rank=4, alpha=8.0)  # traced graph + the family's GGUF
+    profile = fast_profile(tmp_path / "fast.toml", name=f"test-{trainer}", trainer=trainer)
     specs = [
         DeviceSpec(
             f"dev-{i}",
@@ -58,7 +68,7 @@ def test_qwen3_federation_reaches_version_3(tmp_path: Path, broker: Mosquitto) -
         assert g.version == latest and g.strategy == "alignfed"
         assert any(np.abs(t).max() > 0 for k, t in g.tensors.items() if k.endswith(".B"))  # B moved off zero
         store.close()
-        # each device turned a global adapter into a llama.cpp LoRA for its qwen3 base
+        # each device turned a global adapter into a llama.cpp LoRA for its base
         assert sorted((tmp_path / "fed" / "dev-0" / "state" / "adapters").glob("adapter-*.gguf"))
     finally:
         for p in [*edges, coord]:

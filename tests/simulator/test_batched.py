@@ -29,14 +29,25 @@ from simulator.training import SharedTrainer, TrainJob
 ORT_LOSS_REL, ORT_ADAPTER_ATOL, TORCH_ATOL = 1e-4, 2e-5, 1e-6
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+# Llama, and the traced families whose forward pass differs most: Phi-3's fused projections split
+# into per-device adapters, Gemma 3's norms, logit soft-capping and sliding window.
+FAMILIES = ("llama", "phi3", "gemma3_text")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
     """LoRA on all seven projections over an int8 base: every adapted path and the dequantization."""
     from export.bundle import export_bundle
+    from export.synthetic import TINY_CONFIGS, write_tiny_model
 
     out = tmp_path_factory.mktemp("batched-bundle")
+    model = (
+        tiny_model
+        if request.param == "llama"
+        else write_tiny_model(out.parent / f"{out.name}-model", TINY_CONFIGS[request.param])
+    )
     targets = ("q", "k", "v", "o", "gate", "up", "down")
-    export_bundle(tiny_model, out, targets=targets, rank=4, alpha=8.0, quantization="int8", seed=0, write_gguf=False)
+    export_bundle(model, out, targets=targets, rank=4, alpha=8.0, quantization="int8", seed=0, write_gguf=False)
     return out
 
 
