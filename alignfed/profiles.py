@@ -46,6 +46,9 @@ class DeviceProfile:
     # Lean training (torch backend): "layers" recomputes each decoder layer in backward instead of
     # keeping its activations (less memory, ~1/3 more compute); "none" keeps them.
     checkpointing: str = "none"
+    # Lean training (torch backend): "int8" keeps the embedding table and the LM head int8 per row
+    # (a quarter of float32; numbers then differ from the ORT backend's by that rounding).
+    embedding: str = "fp32"
     # The largest base this device trains at its batch × seq_len within memory_mb, as measured by
     # benchmarks/bench_lean.py (BENCHMARKS.md); `flash` refuses bundles whose estimate exceeds memory_mb.
     largest_model: str = ""
@@ -71,6 +74,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "quantization": ("int8", "fp32"),
     "accelerator": ("cpu", "cuda"),
     "checkpointing": ("none", "layers"),
+    "embedding": ("fp32", "int8"),
 }
 
 

@@ -8,6 +8,7 @@ backend's alone: `resource.getrusage(RUSAGE_SELF).ru_maxrss`, which includes loa
 - `ort-int8`: ONNX Runtime training on the bundle's int8 base (edge/trainer.py);
 - `lean`: the PyTorch trainer with the base kept int8 and the chunked loss (edge/torch_trainer.py);
 - `lean-ckpt`: the same with every decoder layer recomputed in backward (profile `checkpointing`);
+- `lean-ckpt-e8`: and the embedding / LM head int8 per row too (profile `embedding = "int8"`);
 - `torch-fp32`: the PyTorch trainer as it was before the lean path (base dequantized to float32,
   whole logits), `TorchTrainer(lean=False)`.
 Children run under jemalloc, preloaded as a device's systemd unit does (edge/allocator.py);
@@ -51,7 +52,7 @@ from alignfed import manifest as mf  # noqa: E402
 from alignfed.text import Batch  # noqa: E402
 from edge.allocator import find_jemalloc  # noqa: E402
 
-BACKENDS = ("ort-int8", "lean", "lean-ckpt", "torch-fp32")
+BACKENDS = ("ort-int8", "lean", "lean-ckpt", "lean-ckpt-e8", "torch-fp32")
 MIN_AVAILABLE_KB = 2_500_000
 
 
@@ -65,7 +66,12 @@ def _trainer(backend: str, bundle: Path, m: mf.Manifest, threads: int) -> Any:
         return OrtTrainer(bundle, m, lr=1e-3, threads=threads)
     from edge.torch_trainer import TorchTrainer
 
-    opts = {"lean": {}, "lean-ckpt": {"checkpoint": True}, "torch-fp32": {"lean": False}}[backend]
+    opts = {
+        "lean": {},
+        "lean-ckpt": {"checkpoint": True},
+        "lean-ckpt-e8": {"checkpoint": True, "embedding": "int8"},
+        "torch-fp32": {"lean": False},
+    }[backend]
     return TorchTrainer(bundle, m, lr=1e-3, threads=threads, **opts)  # type: ignore[arg-type]
 
 

@@ -25,6 +25,26 @@ def _chunks(n: int, chunk: int) -> range:
     return range(0, n, max(1, chunk))
 
 
+def _logits(h: torch.Tensor, head: Any) -> torch.Tensor:
+    """h (c, H) @ headᵀ -> (c, V); an int8 head (edge.lean_linear.Int8Rows) a vocabulary block at a time."""
+    if isinstance(head, torch.Tensor):
+        return h @ head.T
+    out = torch.empty((h.shape[0], head.shape[0]), dtype=torch.float32)
+    for s, block in head.blocks():  # block: (b, H) float32, freed before the next
+        out[:, s : s + block.shape[0]] = h @ block.T
+    return out
+
+
+def _back(probs: torch.Tensor, head: Any) -> torch.Tensor:
+    """probs (c, V) @ head -> (c, H), blockwise for an int8 head like `_logits`."""
+    if isinstance(head, torch.Tensor):
+        return probs @ head
+    out = torch.zeros((probs.shape[0], head.shape[1]), dtype=torch.float32)
+    for s, block in head.blocks():
+        out += probs[:, s : s + block.shape[0]] @ block
+    return out
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -38,7 +58,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         dh = torch.zeros_like(h) if need_grad else None
         for s in _chunks(h.shape[0], chunk):
             y = labels[s : s + chunk]
-            logits = h[s : s + chunk] @ head.T  # (c, V)
+            logits = _logits(h[s : s + chunk], head)  # (c, V)
             if softcap is not None:
                 logits = (logits / softcap).tanh() * softcap
             logp = logits.log_softmax(dim=-1)
@@ -51,7 +71,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 probs[~keep] = 0.0
                 if softcap is not None:  # through z = c·tanh(u / c): × (1 − (z / c)²)
                     probs *= 1.0 - (logits / softcap) ** 2
-                dh[s : s + chunk] = probs @ head  # (c, H)
+                dh[s : s + chunk] = _back(probs, head)  # (c, H)
         # No valid label: ONNX/HF give NaN (0/0); keep that, it marks an empty batch the same way.
         loss = total / n_valid if n_valid else total * float("nan")
         if dh is not None:
@@ -66,12 +86,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 def chunked_head_loss(
     h: torch.Tensor,
-    head: torch.Tensor,
+    head: Any,
     labels: torch.Tensor,
     chunk: int = DEFAULT_CHUNK,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of logits h @ headᵀ (soft-capped to ±softcap when given) against labels
-    (−100 ignored); h (N, H), head (V, H)."""
+    (−100 ignored); h (N, H), head (V, H) float32 or `edge.lean_linear.Int8Rows`."""
     out: torch.Tensor = _ChunkedHeadLoss.apply(h, head, labels, chunk, softcap)
     return out

@@ -128,6 +128,7 @@ class EdgeDaemon:
                 threads=p.threads,
                 accelerator=p.accelerator,
                 checkpoint=p.checkpointing == "layers",
+                embedding=p.embedding,
             )
         raise TrainingError(f"profile {p.name!r} asks for trainer {p.trainer!r}; expected 'ort' or 'torch'")
 

@@ -17,6 +17,7 @@ one in backward (benchmarks/bench_lean.py measures it against the fp32 base).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,49 @@ class Int8Weight:
     @property
     def nbytes(self) -> int:
         return self.q_t.numel() + 4 * self.scale.numel()
+
+
+@dataclass(frozen=True, slots=True)
+class Int8Rows:
+    """An embedding table (and the LM head tied to it) kept int8 per row: q (V, H) int8, scale (V,).
+
+    The bundle stores the embedding float32 (the ORT graph gathers from it), and on a 1 B model it
+    is the largest tensor: 128 256 × 2048 floats, 1.05 GB of the 2.05 GB base. Quantized here, at
+    load, symmetric per row (scale = max |row| / 127), it takes a quarter; each element moves by at
+    most scale / 2, i.e. 0.4 % of its row's largest entry. The numbers then differ from the ORT
+    backend's by that rounding (tests/edge/test_lean_pieces.py bounds it), so it is a profile option
+    (`embedding = "int8"`) for boards where the fp32 table does not fit, not the default.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    BLOCK = 8192  # vocabulary rows dequantized at once for the LM head: 8192 × H floats (64 MB at H 2048)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> Int8Rows:
+        """Per-row symmetric int8 of w (V, H) float32; an all-zero row gets scale 1 (it stays zero)."""
+        peak = w.abs().amax(dim=1)  # (V,)
+        scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q.contiguous(), scale.to(torch.float32).contiguous())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.q.shape[0]), int(self.q.shape[1]))
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + 4 * self.scale.numel()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup: (...) int64 -> (..., H) float32."""
+        return self.q[ids].to(torch.float32) * self.scale[ids][..., None]
+
+    def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, dequantized (b, H) float32 block) over the vocabulary, BLOCK rows at a time."""
+        for s in range(0, self.q.shape[0], self.BLOCK):
+            yield s, self.q[s : s + self.BLOCK].to(torch.float32) * self.scale[s : s + self.BLOCK, None]
 
 
 class _Int8MatMul(torch.autograd.Function):

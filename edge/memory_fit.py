@@ -34,8 +34,8 @@ TORCH_OVERHEAD_MB = 500.0
 ORT_OVERHEAD_MB = 250.0
 
 
-def weight_bytes(a: mf.Architecture, quantization: str) -> int:
-    """Bytes of the frozen base as the lean trainer holds it."""
+def weight_bytes(a: mf.Architecture, quantization: str, *, embedding: str = "fp32") -> int:
+    """Bytes of the frozen base as the lean trainer holds it (`embedding`: the profile's table type)."""
     hd = a.head_dim
     shapes = [  # (in, out) of each projection of one decoder layer
         (a.hidden, a.n_heads * hd),
@@ -52,7 +52,8 @@ def weight_bytes(a: mf.Architecture, quantization: str) -> int:
     if a.qkv_bias:
         layer += 4 * (a.n_heads + 2 * a.n_kv_heads) * hd
     heads = 1 if a.tie_embeddings else 2
-    return a.n_layers * layer + heads * 4 * a.vocab * a.hidden + 4 * a.hidden
+    table = a.vocab * a.hidden + 4 * a.vocab if embedding == "int8" else 4 * a.vocab * a.hidden  # per table
+    return a.n_layers * layer + heads * table + 4 * a.hidden
 
 
 def activation_bytes(a: mf.Architecture, batch: int, seq_len: int, *, checkpoint: bool) -> int:
@@ -70,7 +71,7 @@ def training_memory_mb(m: mf.Manifest, profile: DeviceProfile) -> float:
     a, b, t = m.architecture, profile.batch, profile.seq_len
     lora = 4 * 4 * sum(r * c for r, c in m.lora_shapes().values())
     if profile.trainer == "torch":
-        need = weight_bytes(a, m.train_quantization) + lora
+        need = weight_bytes(a, m.train_quantization, embedding=profile.embedding) + lora
         need += activation_bytes(a, b, t, checkpoint=profile.checkpointing == "layers")
         return need / 2**20 + TORCH_OVERHEAD_MB
     need = weight_bytes(a, "fp32") + lora + activation_bytes(a, b, t, checkpoint=False)
@@ -82,7 +83,14 @@ def check_fits(m: mf.Manifest, profile: DeviceProfile, bundle: object) -> None:
     need = training_memory_mb(m, profile)
     if need > profile.memory_mb:
         a = m.architecture
-        hint = ' or checkpointing = "layers"' if profile.trainer == "torch" and profile.checkpointing == "none" else ""
+        hint = "".join(
+            f" or {option}"
+            for option, applies in (
+                ('checkpointing = "layers"', profile.checkpointing == "none"),
+                ('embedding = "int8"', profile.embedding == "fp32"),
+            )
+            if profile.trainer == "torch" and applies
+        )
         raise ConfigError(
             f"bundle {bundle} ({a.family}, {a.n_layers} layers, hidden {a.hidden}, vocab {a.vocab}, "
             f"{m.train_quantization} base) needs about {need:.0f} MB to train with the {profile.trainer} backend "

@@ -98,12 +98,14 @@ class TorchNetwork:
         lean: bool = False,
         checkpoint: bool = False,
         loss_chunk: int = 128,
+        embedding: str = "fp32",
     ) -> None:
         """`compute`: dtype of the frozen matrices and their products (torch.float32 by default; a
         Jetson's GPU uses bf16/fp16, see `edge.accelerator`); norms, biases, the adapters and the
         loss stay fp32. `lean` (CPU): the int8 base stays int8 (`edge.lean_linear`) and one adapter's
         LM head and loss run in chunks of `loss_chunk` tokens (`edge.chunked_loss`); `checkpoint`
-        recomputes each decoder layer in backward instead of keeping its activations."""
+        recomputes each decoder layer in backward instead of keeping its activations; `embedding`
+        "int8" (lean only) keeps the embedding table and the LM head int8 per row (`Int8Rows`)."""
         torch = self._torch = import_torch()
         self.compute = compute or torch.float32
         self.arch = a = manifest.architecture
@@ -123,6 +125,16 @@ class TorchNetwork:
         missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in w]
         if missing:
             raise BundleError(f"{bundle}: calibration model lacks base tensors {missing}")
+        if embedding not in ("fp32", "int8"):
+            raise TrainingError(f"embedding must be 'fp32' or 'int8', got {embedding!r}")
+        if embedding == "int8":
+            if not lean:
+                raise TrainingError("embedding = 'int8' needs the lean trainer (CPU, fp32 compute)")
+            from edge.lean_linear import Int8Rows
+
+            for name in ("model.embed_tokens.weight", "lm_head.weight"):
+                if name in w:
+                    w[name] = Int8Rows.quantize(w[name])  # the float32 table is dropped here
         self.w = w
         self.rope = {  # RoPE base -> cos, sin (S, rotary_dim)
             theta: tuple(torch.from_numpy(x).to(device) for x in rope_table(theta, self.traits.rotary_dim, a.max_seq))
@@ -153,7 +165,8 @@ class TorchNetwork:
         counts = np.bincount(keep // ((t - 1) * (n // d)), minlength=d)  # (D,)
         rope = {theta: (cos[:t], sin[:t]) for theta, (cos, sin) in self.rope.items()}  # (T, rotary_dim)
         masks = {window: self._mask(t, window) for window in set(self.traits.windows)}  # (T, T)
-        h = w["model.embed_tokens.weight"][ids].float()  # (N, T, H)
+        table = w["model.embed_tokens.weight"]  # (V, H) float32, or int8 rows
+        h = table[ids].float() if isinstance(table, torch.Tensor) else table.rows(ids)  # (N, T, H)
         if self.traits.embed_scale != 1.0:
             h = h * self.traits.embed_scale
         for i in range(a.n_layers):
@@ -174,6 +187,8 @@ class TorchNetwork:
             from edge.chunked_loss import chunked_head_loss
 
             return chunked_head_loss(h[rows], head, gold, self.loss_chunk, softcap=cap).reshape(1)
+        if not isinstance(head, torch.Tensor):  # int8 rows: the chunked loss is the only head that reads them
+            raise TrainingError("an int8 embedding trains one adapter at a time, with the lean trainer")
         logits = (h[rows].to(self.compute) @ head.T).float()  # (K, V): the head in the compute dtype
         if cap is not None:
             logits = (logits / cap).tanh() * cap

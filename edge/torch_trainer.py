@@ -53,6 +53,7 @@ class TorchTrainer:
         lean: bool = True,
         checkpoint: bool = False,
         loss_chunk: int = 128,
+        embedding: str = "fp32",
     ) -> None:
         torch = self._torch = import_torch()
         torch.set_num_threads(max(1, threads))
@@ -75,6 +76,7 @@ class TorchTrainer:
             lean=lean and self.device == "cpu" and self.compute == torch.float32,
             checkpoint=checkpoint,
             loss_chunk=loss_chunk,
+            embedding=embedding,
         )
         self.w = self.net.w
         self.params: dict[str, Any] = {}

@@ -11,7 +11,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from edge.chunked_loss import chunked_head_loss
-from edge.lean_linear import Int8Weight, int8_matmul
+from edge.lean_linear import Int8Rows, Int8Weight, int8_matmul
 from edge.onnx_weights import read_initializers
 
 
@@ -84,3 +84,36 @@ def test_initializer_reader_matches_onnx_load(tmp_path: Path) -> None:
             assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
             np.testing.assert_array_equal(got[name], want, err_msg=f"{path.name}: {name}")
     assert sorted(dict(read_initializers(inline, lambda n: n.startswith("w.")))) == ["w.T.int8", "w.scale"]
+
+
+def test_int8_rows_round_each_entry_by_at_most_half_a_step() -> None:
+    w = torch.randn(50, 24) * torch.linspace(0.01, 3.0, 50)[:, None]  # rows of very different ranges
+    w[7] = 0.0  # an all-zero row stays zero
+    t = Int8Rows.quantize(w)
+    assert t.q.dtype == torch.int8 and t.nbytes == 50 * 24 + 4 * 50  # a quarter of float32, plus scales
+    back = torch.cat([block for _, block in t.blocks()])
+    assert torch.all((back - w).abs() <= t.scale[:, None] / 2 + 1e-7)
+    assert torch.equal(back[7], torch.zeros(24))
+    ids = torch.tensor([[3, 7], [49, 0]])
+    assert torch.equal(t.rows(ids), back[ids])  # the lookup is the same dequantization
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_loss_reads_an_int8_head_block_by_block(monkeypatch: pytest.MonkeyPatch, softcap: float | None) -> None:
+    """The int8 head gives the loss and gradient of its dequantized float32 table (blocks of 7 rows
+    here, so the 50-row vocabulary spans a partial last block)."""
+    monkeypatch.setattr(Int8Rows, "BLOCK", 7)
+    g = torch.Generator().manual_seed(0)
+    head = Int8Rows.quantize(torch.randn(50, 16, generator=g))
+    dense = torch.cat([block for _, block in head.blocks()])
+    labels = torch.randint(0, 50, (12,), generator=g)
+    labels[3] = -100
+    h1 = torch.randn(12, 16, generator=g, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    got = chunked_head_loss(h1, head, labels, 5, softcap=softcap)
+    want = chunked_head_loss(h2, dense, labels, 5, softcap=softcap)
+    got.backward()
+    want.backward()
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert h1.grad is not None and h2.grad is not None
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-7)

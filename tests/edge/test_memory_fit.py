@@ -75,3 +75,17 @@ def test_profile_checkpointing_is_validated() -> None:
     assert parse_profile({**raw, "checkpointing": "layers"}, "p.toml").checkpointing == "layers"
     with pytest.raises(ConfigError, match="checkpointing = 'all'; expected one of"):
         parse_profile({**raw, "checkpointing": "all"}, "p.toml")
+
+
+def test_an_int8_embedding_quarters_the_table_in_the_estimate(tiny_bundle: Path) -> None:
+    a = _as_1b(mf.load(tiny_bundle)).architecture
+    table = a.vocab * a.hidden  # tied: one table of 0.26 B entries
+    saved = weight_bytes(a, "int8") - weight_bytes(a, "int8", embedding="int8")
+    assert saved == 3 * table - 4 * a.vocab  # 4 bytes -> 1 byte per entry, plus a scale per row
+    raw = {f.name: getattr(load_profile("rpi4-4gb"), f.name) for f in dataclasses.fields(load_profile("rpi4-4gb"))}
+    assert parse_profile({**raw, "embedding": "int8"}, "p.toml").embedding == "int8"
+    with pytest.raises(ConfigError, match="embedding = 'int4'; expected one of"):
+        parse_profile({**raw, "embedding": "int4"}, "p.toml")
+    board = dataclasses.replace(load_profile("rpi4-4gb"), memory_mb=1024)
+    with pytest.raises(ConfigError, match='or embedding = "int8"'):  # the refusal names the option
+        check_fits(_as_1b(mf.load(tiny_bundle)), board, tiny_bundle)
