@@ -24,6 +24,9 @@ devices. Per device:
   versions published meanwhile, and fetches the retained newest version when it is back.
 - Time-triggered aggregation (AlignFed's T): while updates are buffered, `ready(now)` is
   re-checked every `poll_s` virtual seconds, like the service's idle loop.
+- The coordinator's side is the live coordinator's core (`coordinator.core`): each arriving
+  payload is decoded and validated by ingest (signature, layout, staleness bound, norm bound, all
+  per `limits`) before the strategy sees it, and versions are made by the same `next_version`.
 
 Nothing reads the host clock except the coordinator CPU-time metric, which is not part of the
 event log, so the event log is the same for a seed on any machine.
@@ -38,7 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -46,8 +49,9 @@ from alignfed import protocol
 from alignfed.adapter import compute_deltas
 from alignfed.errors import ConfigError, RejectedUpdate
 from alignfed.text import Batch
-from coordinator.ingest import IngestLimits, payload_limit
-from coordinator.strategies.base import AdapterState, ClientUpdate, Strategy
+from coordinator.core import Core, Intake, NewVersion, make_adapter
+from coordinator.ingest import IngestLimits
+from coordinator.strategies.base import AdapterState, Strategy
 from edge.uplink import Uplink
 from simulator import attacks
 from simulator.accuracy import AccuracyHook
@@ -80,6 +84,7 @@ class SimulationConfig:
     seed: int = 0
     byzantine: float = 0.0  # fraction of devices that send hostile, correctly signed updates
     attack: str = "scale"  # what they send: scale | signflip | random | mixed (simulator.attacks)
+    limits: IngestLimits = field(default_factory=IngestLimits)  # the coordinator's ingest checks
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.horizon_s) and self.horizon_s > 0):
@@ -104,6 +109,11 @@ class SimulationConfig:
         if not (math.isfinite(self.eval_interval_s) and self.eval_interval_s >= 0):
             raise ConfigError(f"simulation: eval_interval_s must be ≥ 0 seconds, got {self.eval_interval_s}")
         attacks.check(self.byzantine, self.attack)
+        if not self.limits.max_delta_norm > 0 or self.limits.tau_max < 0:
+            raise ConfigError(
+                f"simulation: limits need max_delta_norm > 0 and tau_max ≥ 0, got {self.limits.max_delta_norm}, "
+                f"{self.limits.tau_max}"
+            )
         if self.eval_every < 1 or self.accuracy_every < 0:
             raise ConfigError(
                 f"simulation: eval_every must be ≥ 1 and accuracy_every ≥ 0, got {self.eval_every}, "
@@ -148,8 +158,9 @@ class _Deliver:
 @dataclass(frozen=True, slots=True)
 class _Arrive:
     device: str
-    update: ClientUpdate
-    nbytes: int
+    base_version: int
+    train_loss: float
+    payload: bytes  # the signed update as it travels; the coordinator's core decodes it on arrival
     busy_s: float  # train + upload time of the round
 
 
@@ -226,7 +237,6 @@ class Simulation:
         self.strategy = strategy
         self.tb = testbed
         self.cfg = config
-        self._payload_limit = payload_limit(IngestLimits(), testbed.manifest)  # as the coordinator decodes
         self.synchronous = strategy.name == "fedavg" if synchronous is None else synchronous
         self.history = history if history is not None else VersionHistory(testbed.initial)
         self._in_flight: Counter[int] = Counter()  # global versions still downloading, by version
@@ -236,7 +246,6 @@ class Simulation:
         self.progress = progress
         self.on_event = on_event
         self.queue: EventQueue[_Item] = EventQueue()
-        self.current = testbed.initial
         self.result = RunResult(variant=variant, strategy=strategy.name, devices=[d.device_id for d in testbed.devices])
         self._poll_pending = False
         self._done = False
@@ -264,11 +273,33 @@ class Simulation:
                 moments=testbed.trainer.fresh_moments() if config.optimizer == "device" else None,
                 attack=self.byzantine.get(d.device_id),
             )
+        keys = {device_id: dev.key for device_id, dev in self.devices.items()}
+        # The version store holds every version made (the history below only those still in use).
+        intake = Intake(
+            testbed.manifest,
+            limits=config.limits,
+            key_of=keys.get,
+            has_version=lambda v: 0 <= v <= self.core.current.version,
+        )
+        self.core = Core(intake, strategy, testbed.initial)
+
+    @property
+    def current(self) -> AdapterState:
+        return self.core.current
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        self._publish(self.current, 0.0, metrics={})
+        initial = make_adapter(
+            self.tb.manifest,
+            self.tb.bundle_digest,
+            version=self.current.version,
+            parent_version=self.current.version - 1,
+            strategy=self.strategy.name,
+            tensors=self.current.tensors,
+            created_at=0.0,
+        )
+        self._publish(self.current, 0.0, len(protocol.encode_global(initial)))
         while not self._done:
             due = self.queue.next_time()
             if self._started and (due is None or due >= min(r.earliest for r in self._started)):
@@ -375,12 +406,11 @@ class Simulation:
         ]
         for r, trained in zip(started, self.tb.trainer.train_many(jobs), strict=True):
             dev = self.devices[r.device]
-            _, payload = self._encode_round(dev, r, trained.tensors, float(np.mean(trained.losses)))
+            update, payload = self._encode_round(dev, r, trained.tensors, float(np.mean(trained.losses)))
             upload_s = self.cfg.timing.upload_s(dev.device.profile, len(payload))
             arrive = r.start + r.train_s + upload_s
-            decoded = protocol.decode_update(payload, self._payload_limit).update  # what the coordinator sees
-            client = ClientUpdate.from_message(decoded, arrive)
-            self.queue.push(arrive, _Arrive(r.device, client, len(payload), r.train_s + upload_s), order=r.order)
+            item = _Arrive(r.device, update.base_version, update.train_loss, payload, r.train_s + upload_s)
+            self.queue.push(arrive, item, order=r.order)
 
     def _encode_round(
         self, dev: _DeviceState, r: _Round, tensors: dict[str, np.ndarray], loss: float
@@ -418,50 +448,42 @@ class Simulation:
     # -- coordinator ------------------------------------------------------------------------------
 
     def _on_arrive(self, item: _Arrive, now: float) -> None:
-        u = item.update
-        tau = self.current.version - u.base_version
-        self.result.bytes_up += item.nbytes
-        arrive = Event(
-            now, "arrive", u.device_id, version=u.base_version, staleness=tau, bytes=item.nbytes, loss=u.train_loss
-        )
-        self._log(arrive)
-        try:
-            self._timed(lambda: self.strategy.add(u, self.current.version))
-            self.result.accepted[u.device_id] += 1
+        device, base = item.device, item.base_version
+        tau = self.current.version - base
+        nbytes = len(item.payload)
+        self.result.bytes_up += nbytes
+        self._log(Event(now, "arrive", device, version=base, staleness=tau, bytes=nbytes, loss=item.train_loss))
+        try:  # validate → strategy, as the live coordinator does
+            self._timed(lambda: self.core.admit(device, item.payload, now))
+            self.result.accepted[device] += 1
         except RejectedUpdate as exc:
-            self.result.rejected[u.device_id] += 1
-            self._log(Event(now, "reject", u.device_id, version=u.base_version, staleness=tau, detail=exc.reason))
+            self.result.rejected[device] += 1
+            self._log(Event(now, "reject", device, version=base, staleness=tau, detail=exc.reason))
         self._aggregate_while_ready(now)
         self._schedule_poll(now)
         dev = self.devices[item.device]
         self.queue.push(now + self.cfg.timing.idle_s(dev.device.profile, item.busy_s), _Free(item.device))
 
     def _aggregate_while_ready(self, now: float) -> None:
-        while not self._done and self._timed(lambda: self.strategy.ready(now)):
-            pending = {u.update_id: u for u in self.strategy.pending()}
-            current = self.current
-            agg = self._timed(partial(self.strategy.aggregate, current, now))
-            new = agg.state
-            if new.version != current.version + 1:
-                raise RuntimeError(
-                    f"strategy {self.strategy.name} made version {new.version} from {current.version}; "
-                    f"expected {current.version + 1}"
-                )
-            for uid in agg.used:
-                u = pending[uid]
-                tau = current.version - u.base_version
-                w = float(agg.weights.get(uid, 0.0))
+        while not self._done:
+            new: NewVersion | None = self._timed(partial(self.core.next_version, now))
+            if new is None:
+                return
+            version = new.state.version
+            for f in new.folded:
+                tau = new.staleness(f)
+                device = f.update.device_id
                 self.result.staleness[tau] += 1
-                self.result.folded[u.device_id] += 1
-                self.result.add_weight(u.device_id, w)
-                self._log(Event(now, "fold", u.device_id, version=new.version, staleness=tau, detail=f"weight={w:.6g}"))
-            residual = agg.metrics.get("alignment_residual")
+                self.result.folded[device] += 1
+                self.result.add_weight(device, f.weight)
+                self._log(Event(now, "fold", device, version=version, staleness=tau, detail=f"weight={f.weight:.6g}"))
+            residual = new.adapter.metrics.get("alignment_residual")
             if isinstance(residual, dict) and residual:
                 self.result.alignment.append({str(k): float(v) for k, v in residual.items()})
-            self.current = new
-            taus = [current.version - pending[uid].base_version for uid in agg.used]
-            self._publish(new, now, metrics=agg.metrics, max_tau=max(taus, default=0))
-            if self.cfg.max_versions and new.version >= self.cfg.max_versions:
+            self.core.advance(new)
+            max_tau = max((new.staleness(f) for f in new.folded), default=0)
+            self._publish(new.state, now, len(new.encoded), max_tau=max_tau)
+            if self.cfg.max_versions and version >= self.cfg.max_versions:
                 self._done = True
 
     def _schedule_poll(self, now: float) -> None:
@@ -469,20 +491,9 @@ class Simulation:
             self._poll_pending = True
             self.queue.push(now + self.cfg.poll_s, _Poll())
 
-    def _publish(self, state: AdapterState, now: float, *, metrics: Any, max_tau: int = 0) -> None:
-        """Store the version, send it to every device (download time each) and evaluate it."""
-        g = protocol.GlobalAdapter(
-            version=state.version,
-            parent_version=state.version - 1,
-            bundle=self.tb.bundle_digest,
-            strategy=self.strategy.name,
-            created_at=now,
-            rank=self.tb.manifest.lora.rank,
-            alpha=self.tb.manifest.lora.alpha,
-            tensors=state.tensors,
-            metrics=metrics,
-        )
-        nbytes = len(protocol.encode_global(g))
+    def _publish(self, state: AdapterState, now: float, nbytes: int, *, max_tau: int = 0) -> None:
+        """Store the version, send it to every device (download time each, `nbytes` its encoded
+        size) and evaluate it."""
         self._global_bytes = nbytes
         self._current_since = now
         self.history.add(state)
