@@ -8,7 +8,7 @@ Every program that coordinates calls this module instead of writing the step aga
 | an ingest worker (`worker`) | `Intake` only: workers hold no strategy |
 | the site coordinator (`site`) | `Intake` only: a site never makes versions |
 | the elected aggregator (`aggregator`) | `Core.offer` for updates a worker validated, `Core.next_version` |
-| the simulator (`simulator/engine.py`) | `Core.admit` (validate → strategy), `Core.next_version` |
+| the simulator (`simulator/coordination.py`) | `Core.admit` (validate → strategy), `Core.next_version` |
 
 Nothing here touches MQTT, a database or the clock: the caller passes `now` (wall seconds live,
 virtual seconds in the simulator), gives the intake the device keys and the stored versions as

@@ -211,8 +211,8 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
     """The testbed and experiment configs an argument namespace asks for."""
+    from simulator.config import SimulationConfig
     from simulator.domains import parse_spec
-    from simulator.engine import SimulationConfig
     from simulator.experiment import ExperimentConfig
     from simulator.fleet import FleetConfig
     from simulator.partition import PartitionConfig

@@ -21,12 +21,14 @@ from alignfed.errors import ConfigError
 from alignfed.lowrank import Factors
 from coordinator.ingest import IngestLimits
 from simulator import attacks
-from simulator.engine import Simulation, VersionHistory, _Round
+from simulator.engine import Simulation
 from simulator.experiment import make_strategy, run_variant
 from simulator.fleet import FleetConfig
 from simulator.metrics import RunResult, late_mean
+from simulator.rounds import Round
 from simulator.testbed import Testbed
 from simulator.variants import standard_variant
+from simulator.versions import VersionHistory
 from tests.simulator.conftest import OVERRIDES, make_sim_config, make_testbed_config
 
 
@@ -79,8 +81,8 @@ def test_a_byzantine_update_is_signed_with_the_devices_own_key(five: Testbed) ->
     got = []
     for sim in (hostile, clean):
         dev = sim.devices[device]
-        started = _Round(device, five.initial, 0.0, 1.0, [], 0, 0, 1.0)
-        _, payload = sim._encode_round(dev, started, trained, 0.0)
+        started = Round(device, five.initial, 0.0, 1.0, [], 0, 0, 1.0)
+        _, payload = sim.rounds.encode(dev, started, trained, 0.0)
         decoded = protocol.decode_update(payload, 1 << 24)
         assert decoded.verify(dev.key)  # the coordinator's signature check passes
         got.append(decoded.update.deltas)
