@@ -68,18 +68,6 @@ def base_weights(bundle: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def pick_device(prefer: str = "auto") -> str:
-    """ "cuda" when asked for or ("auto") when a CUDA GPU is present, else "cpu"."""
-    torch = import_torch()
-    if prefer not in ("auto", "cpu", "cuda"):
-        raise TrainingError(f"torch device must be auto, cpu or cuda, got {prefer!r}")
-    if prefer == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("torch device cuda was asked for, but PyTorch sees no CUDA GPU")
-    if prefer == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return prefer
-
-
 class TorchNetwork:
     """Frozen base + per-row-group LoRA; `losses` gives one loss per adapter."""
 

@@ -199,6 +199,20 @@ def test_cuda_is_chosen_when_torch_sees_a_gpu() -> None:
     assert choose(_fake_cuda_torch(bf16=True), "cpu").device == "cpu"  # the profile decides first
 
 
+def test_auto_strict_and_float32_placements_for_the_simulators_batched_trainer() -> None:
+    gpu = _fake_cuda_torch(bf16=True)
+    no_gpu = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(is_available=lambda: False), version=types.SimpleNamespace(cuda=None),
+        __version__="2.5.0",
+    )  # fmt: skip
+    assert (choose(gpu, "auto").device, choose(no_gpu, "auto").device) == ("cuda", "cpu")
+    assert choose(gpu, "cuda", half=False).compute_dtype == "float32"  # simulated rounds match ORT's
+    with pytest.raises(TrainingError, match=r"CUDA was asked for, but torch 2\.5\.0 is a CPU build"):
+        choose(no_gpu, "cuda", strict=True)
+    with pytest.raises(TrainingError, match="accelerator 'tpu'; expected one of auto, cpu, cuda"):
+        choose(gpu, "tpu")
+
+
 def test_cuda_profile_falls_back_to_the_cpu_with_a_logged_reason(
     bundle: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -228,6 +242,8 @@ def test_half_precision_base_keeps_fp32_lora_and_tracks_fp32(bundle: Path) -> No
     d_half = np.concatenate([(b_[n] - start[n]).ravel() for n in a])
     cos = float(d_full @ d_half / (np.linalg.norm(d_full) * np.linalg.norm(d_half)))
     assert cos > 0.98  # the same update direction, up to bf16 rounding of the base's products
+
+
 def test_lean_trainer_keeps_the_int8_base_int8(bundle: Path) -> None:
     """The int8 bundle's projections stay int8 (a quarter of fp32) and no fp32 copy is held."""
     from edge.lean_linear import Int8Weight
