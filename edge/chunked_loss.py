@@ -59,5 +59,5 @@ def chunked_head_loss(
     h: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
     """Mean cross-entropy of logits h @ headᵀ against labels (−100 ignored); h (N, H), head (V, H)."""
-    out: torch.Tensor = _ChunkedHeadLoss.apply(h, head, labels, chunk)
+    out: torch.Tensor = _ChunkedHeadLoss.apply(h, head, labels, chunk)  # type: ignore[no-untyped-call]  # torch's stub
     return out

@@ -22,6 +22,7 @@ from alignfed import protocol
 from alignfed.adapter import compute_deltas
 from alignfed.text import Batch
 from coordinator.strategies.base import AdapterState
+from edge.adamw import Moments
 from edge.uplink import Uplink
 from simulator import attacks
 from simulator.accounting import Ledger
@@ -31,7 +32,7 @@ from simulator.events import Event
 from simulator.fleet import SimDevice
 from simulator.testbed import DeviceData, Testbed
 from simulator.timeline import Arrive, Deliver, Free, Item, Online
-from simulator.training import Moments, TrainJob
+from simulator.training import TrainJob
 from simulator.versions import Publisher, VersionHistory
 
 
