@@ -10,9 +10,10 @@ Every program that coordinates calls this module instead of writing the step aga
 | the elected aggregator (`aggregator`) | `Core.offer` for updates a worker validated, `Core.next_version` |
 | the simulator (`simulator/coordination.py`) | `Core.admit` (validate → strategy), `Core.next_version` |
 
-Nothing here touches MQTT, a database or the clock: the caller passes `now` (wall seconds live,
-virtual seconds in the simulator), gives the intake the device keys and the stored versions as
-functions, and stores a `NewVersion` wherever it keeps versions before calling `Core.advance`.
+Nothing here touches MQTT or a database or reads the time of day: the caller passes `now` (wall
+seconds live, virtual seconds in the simulator), gives the intake the device keys and the stored
+versions as functions, and stores a `NewVersion` wherever it keeps versions before calling
+`Core.advance`. The one host measure, `NewVersion.took_s`, is for the operator's dashboard.
 """
 
 from __future__ import annotations
