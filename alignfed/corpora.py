@@ -7,6 +7,7 @@ Three domains with different token statistics: arithmetic Q&A (GSM8K-like), Pyth
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,10 @@ def _record(domain: str, rng: np.random.Generator) -> dict[str, str]:
             "output": f"def {name}(a, b):\n    return {body}\n",
         }
     if domain == "prose":
-        pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+
+        def pick(xs: Sequence[str]) -> str:
+            return xs[int(rng.integers(len(xs)))]
+
         return {"text": f"The {pick(_ADJS)} {pick(_NOUNS)} {pick(_VERBS)} the {pick(_ADJS)} {pick(_NOUNS)}."}
     raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
 

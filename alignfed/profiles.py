@@ -14,10 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from alignfed import manifest as mf
 from alignfed import tomlfile
 from alignfed.errors import ConfigError
-from alignfed.manifest import Architecture, Manifest
 
 # Resolved through the package, not the source tree: `pip install .` copies them into site-packages.
 PROFILE_DIR = Path(str(resources.files("alignfed") / "firmware_profiles"))
@@ -105,11 +103,6 @@ def available() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
-# What importing and starting each runtime adds: the tiny model's growth, which varied between runs on
-# the same machine from 219 to 290 MB (torch) and from 269 to 326 MB (ORT), plus a margin.
-_TORCH_RUNTIME_MB = 310.0
-_ORT_RUNTIME_MB = 340.0
-
 # platform.machine() spellings of the two architectures a profile can name.
 _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
@@ -141,42 +134,3 @@ def _arch_of(name: str) -> str | None:
         return load_profile(name).arch
     except ConfigError:
         return None
-
-
-def base_parameters(a: Architecture) -> int:
-    """Parameters of the frozen base: embeddings (and an untied head), projections, norms, biases."""
-    return a.n_layers * _layer_parameters(a) + a.vocab * a.hidden * (1 if a.tie_embeddings else 2) + a.hidden
-
-
-def _projection_parameters(a: Architecture) -> int:
-    """Parameters of one layer's seven projection matrices: what an int8 bundle stores as int8."""
-    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    return a.hidden * (2 * q + 2 * kv) + 3 * a.hidden * a.intermediate
-
-
-def _layer_parameters(a: Architecture) -> int:
-    bias = a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim if a.qkv_bias else 0
-    return _projection_parameters(a) + 2 * a.hidden + bias
-
-
-def estimate_memory_mb(bundle: Path, m: Manifest, batch: int, seq_len: int, trainer: str) -> float:
-    """Peak memory training adds to the daemon, per backend, in MB (benchmarks/bench_train_memory.py).
-
-    torch: the frozen base dequantized to fp32 and resident (4 bytes a parameter, whatever the
-    bundle's quantization), the calibration model it is read from while loading, autograd's saved
-    activations, and the runtime. ort: the training model and checkpoint, for an int8 bundle the
-    fp32 copies of the dequantized projections that backward keeps, the activations, and the runtime.
-    Activations ≈ B·T·(L·(8·hidden + 3·intermediate) + 3·vocab) floats.
-
-    Measured growth (2-core x86_64, 2026-11-26): SmolLM2-135M int8 at 2×64 grew 1150 MB with torch
-    (estimate 1174) and 1111 MB with ORT (estimate 1119); the tiny test model 218 / 269 MB, nearly all
-    runtime. The former ORT-only estimate said 682 MB for either.
-    """
-    a = m.architecture
-    acts = batch * seq_len * (a.n_layers * (8 * a.hidden + 3 * a.intermediate) + 3 * a.vocab) * 4
-    if trainer == "torch":
-        calib = (bundle / mf.CALIB_MODEL).stat().st_size if (bundle / mf.CALIB_MODEL).exists() else 0
-        return (4 * base_parameters(a) + calib + acts) / 2**20 + _TORCH_RUNTIME_MB
-    files = sum((bundle / p).stat().st_size for p in (mf.CHECKPOINT, mf.TRAINING_MODEL) if (bundle / p).exists())
-    dequantized = 4 * a.n_layers * _projection_parameters(a) if m.train_quantization == "int8" else 0
-    return (files + dequantized + acts) / 2**20 + _ORT_RUNTIME_MB

@@ -26,8 +26,8 @@ PARAGRAPH_BREAK = re.compile(r"\n[^\S\n]*\n")  # a line holding only whitespace 
 
 
 def format_record(rec: dict[str, Any], where: str) -> str:
-    if isinstance(rec.get("text"), str):
-        return rec["text"]
+    if isinstance(text := rec.get("text"), str):
+        return text
     if "instruction" in rec and "output" in rec:
         prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
         return f"### Instruction:\n{prompt}\n\n### Response:\n{rec['output']}"

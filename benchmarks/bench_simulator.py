@@ -30,8 +30,8 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
+from simulator.config import SimulationConfig
 from simulator.domains import parse_spec
-from simulator.engine import SimulationConfig
 from simulator.experiment import run_variant
 from simulator.fleet import FleetConfig
 from simulator.testbed import Testbed, TestbedConfig

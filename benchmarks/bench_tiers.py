@@ -22,13 +22,15 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simulator.engine import Simulation, SimulationConfig, VersionHistory
+from simulator.config import SimulationConfig
+from simulator.engine import Simulation
 from simulator.experiment import make_strategy
 from simulator.fleet import FleetConfig
 from simulator.metrics import summarize
 from simulator.testbed import Testbed, TestbedConfig
 from simulator.tiers import SiteTier
 from simulator.variants import standard_variant
+from simulator.versions import VersionHistory
 
 SPLIT = {"fedbuff": "uniform", "alignfed": "fairness"}
 

@@ -1,10 +1,10 @@
-"""Memory a training backend adds to the daemon, measured, next to what `estimate_memory_mb` predicts.
+"""Memory a training backend adds to the daemon, measured, next to what `edge.memory_fit` predicts.
 
     python benchmarks/bench_train_memory.py BUNDLE [--backends torch,ort] [--shapes 2x64,4x64]
 
 Each (backend, B×T) runs in a fresh process: RSS once the daemon's own imports are loaded, then the
 peak (VmHWM) after building the trainer and 4 training steps; growth = peak − that baseline. This is
-the figure the profiles' `memory_mb` bounds; alignfed/profiles.py's estimate is calibrated on it.
+the figure the profiles' `memory_mb` bounds; edge/memory_fit.py's ONNX Runtime estimate is calibrated on it.
 """
 
 from __future__ import annotations
@@ -48,8 +48,11 @@ def measure(bundle: Path, backend: str, b: int, t: int) -> float:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
+    from dataclasses import replace
+
     from alignfed import manifest as mf
-    from alignfed.profiles import estimate_memory_mb
+    from alignfed.profiles import load_profile
+    from edge.memory_fit import training_memory_mb
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path)
@@ -62,7 +65,8 @@ def main() -> None:
         for shape in args.shapes.split(","):
             b, t = (int(v) for v in shape.split("x"))
             got = measure(args.bundle, backend, b, t)
-            est = estimate_memory_mb(args.bundle, m, b, t, backend)
+            profile = replace(load_profile("x86-laptop"), trainer=backend, batch=b, seq_len=t, checkpointing="none")
+            est = training_memory_mb(m, profile)
             print(f"{backend:8} {shape:6} {got:12.0f} {est:13.0f}", flush=True)
 
 

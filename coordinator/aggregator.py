@@ -21,7 +21,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.pgstore import PgStore
 from coordinator.service import Coordinator
 from coordinator.storage import StoreConflict, is_postgres
-from coordinator.tier import client_updates, stored_key
+from coordinator.tier import stored_key
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,7 @@ class Aggregator:
                 continue
             payload, received_at = row
             try:
-                update = protocol.decode_update(payload, c._payload_limit).update
-                for client in client_updates(update, received_at):
-                    c.strategy.add(client, c.current.version)
+                c.core.offer(protocol.decode_update(payload, c.intake.payload_limit).update, received_at)  # validated
                 added += 1
             except (RejectedUpdate, ProtocolError) as exc:
                 reason = exc.reason if isinstance(exc, RejectedUpdate) else str(exc)

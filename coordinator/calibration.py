@@ -101,13 +101,10 @@ class CalibrationRunner:
             raise BundleError(f"{model_path}: no calibration model; re-export the bundle with `alignfed export`")
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        from runtime.ort import inference_session, session_options
+
         # No spinning worker threads: the coordinator's CPU time should be the work it does.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        self._session = inference_session(model_path, session_options(threads=threads, spinning=False))
         self.layer_ids: list[str] = list(manifest.layer_ids)
         self._shapes = manifest.lora_shapes()
         self._check_signature(model_path)

@@ -118,7 +118,7 @@ def weights(
     total = float(raw.sum())
     if not (total > 0 and np.isfinite(total)):
         return np.full(m, 1.0 / m)
-    return raw / total
+    return np.asarray(raw / total)
 
 
 def jain_index(values: Iterable[float]) -> float:

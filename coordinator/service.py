@@ -1,8 +1,8 @@
-"""The coordinator service: moves messages between MQTT, the store and the strategy.
+"""The coordinator service: moves messages between MQTT, the store and the coordinator's core.
 
-MQTT → ingest (validate) → store (commit) → ack → strategy → version store → retained publish.
-All logic that decides anything lives in `ingest` and the strategies; this module only orders the
-steps so that a crash at any point loses nothing (see `store`).
+MQTT → intake (validate) → store (commit) → ack → strategy → version store → retained publish.
+All logic that decides anything lives in `core` (with `ingest` and the strategies); this module
+only orders the steps so that a crash at any point loses nothing (see `store`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from alignfed.transport import Message, Transport
 from coordinator import strategies
 from coordinator.backend import open_store
 from coordinator.config import CoordinatorConfig, strategy_options
+from coordinator.core import Core, Intake, NewVersion, make_adapter
 from coordinator.fairness import jain_index
-from coordinator.ingest import decode, payload_limit, update_id_of, validate
 from coordinator.storage import CoordinatorStore
-from coordinator.strategies.base import AdapterState, Aggregation, Strategy
-from coordinator.tier import client_updates, stored_keys
+from coordinator.strategies.base import AdapterState, Strategy
+from coordinator.tier import stored_keys
 from dashboard import feed
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ AGGREGATION_BACKOFF_S = 1.0  # wait after the first failure; doubles after each
 
 
 class Coordinator:
-    """Owns the store, the strategy and the current adapter; `handle` is called per message."""
+    """Owns the store and the core (strategy, current adapter); `handle_update` is called per message."""
 
     def __init__(
         self,
@@ -56,10 +56,12 @@ class Coordinator:
         self.observer = observer  # told after every ingest, reject and aggregation (the dashboard)
         self.topics = Topics(cfg.federation)
         self.manifest = mf.load(cfg.bundle)
-        self._payload_limit = payload_limit(cfg.limits, self.manifest)
         mf.verify(cfg.bundle, self.manifest)
-        self.bundle = mf.bundle_digest(self.manifest)
         self.store = store or open_store(cfg.database)  # the elected aggregator passes its own
+        self.intake = Intake(
+            self.manifest, limits=cfg.limits, key_of=self.store.device_key, has_version=self.store.has_version
+        )
+        self.bundle = self.intake.bundle
         self.clock = clock
         self.transport: Transport | None = None
         self.staleness: Counter[int] = Counter()
@@ -69,14 +71,13 @@ class Coordinator:
             self._publishable = self._create_version_zero()
         else:
             self._publishable = self.store.version(latest)[0]
-        self.current = self._state(self.store.latest_version() or 0)
         self._options: dict[str, Any] | None = None
         if isinstance(strategy, Strategy):
-            self.strategy = strategy
             self._build: Callable[[], Strategy] = self._from_config
         else:
             self._build = strategy or self._from_config
-            self.strategy = self._build()
+            strategy = self._build()
+        self.core = Core(self.intake, strategy, self._state(self.store.latest_version() or 0))
         # Aggregation failures: retried with backoff, then the failing updates are quarantined.
         self.aggregation_failures = 0
         self._retry_at = -math.inf
@@ -94,16 +95,27 @@ class Coordinator:
 
     # -- state ------------------------------------------------------------------------------------
 
+    @property
+    def current(self) -> AdapterState:
+        return self.core.current
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.core.strategy
+
+    @strategy.setter
+    def strategy(self, strategy: Strategy) -> None:
+        self.core.strategy = strategy
+
     def _create_version_zero(self) -> bytes:
-        adapter = protocol.GlobalAdapter(
+        adapter = make_adapter(
+            self.manifest,
+            self.bundle,
             version=0,
             parent_version=-1,
-            bundle=self.bundle,
             strategy=self.cfg.strategy,
-            created_at=self.clock(),
-            rank=self.manifest.lora.rank,
-            alpha=self.manifest.lora.alpha,
             tensors=initial_adapter(self.cfg.bundle, self.manifest),
+            created_at=self.clock(),
         )
         encoded = protocol.encode_global(adapter)
         self.store.save_version(adapter, encoded, {}, {})
@@ -144,10 +156,9 @@ class Coordinator:
         self._restore_history()
         restored = 0
         for payload, received_at in self.store.pending():
-            update = protocol.decode_update(payload, self._payload_limit).update
+            update = protocol.decode_update(payload, self.intake.payload_limit).update
             try:
-                for client in client_updates(update, received_at):  # a site update: one per member device
-                    self.strategy.add(client, self.current.version)
+                self.core.offer(update, received_at)
                 restored += 1
             except RejectedUpdate as exc:
                 self.store.reject_pending(update.device_id, update.update_id, exc.reason)
@@ -159,8 +170,7 @@ class Coordinator:
     def _seen(self, device_id: str, decoded: protocol.Decoded) -> protocol.Ack | None:
         """The stored outcome of a correctly signed resend, answered before any version check: the
         current version may have moved past tau_max since the first copy was accepted."""
-        key = self.store.device_key(device_id)
-        if key is None or decoded.update.device_id != device_id or not decoded.verify(key):
+        if not self.intake.signed_by(device_id, decoded):
             return None
         seen = self.store.lookup(device_id, decoded.update.update_id)
         if seen is None:
@@ -173,31 +183,20 @@ class Coordinator:
         now = self.clock()
         decoded: protocol.Decoded | None = None
         try:
-            decoded = decode(payload, self._payload_limit)  # once: every check below reads this
+            decoded = self.intake.decode(payload)  # once: every check below reads this
             if (again := self._seen(device_id, decoded)) is not None:  # QoS 1 duplicate or resend
                 return again
-            update = validate(
-                device_id,
-                decoded,
-                manifest=self.manifest,
-                bundle=self.bundle,
-                key_of=self.store.device_key,
-                has_version=self.store.has_version,
-                current_version=self.current.version,
-                limits=self.cfg.limits,
-            )
+            update = self.intake.validate(device_id, decoded, self.current.version)
         except RejectedUpdate as exc:
             log.warning("rejected update from %s: %s", device_id, exc.reason)
             self._emit(feed.UpdateReceived(now, device_id, False, exc.reason, len(payload)))
             # a payload that did not decode may still carry its id in a readable header
-            update_id = decoded.update.update_id if decoded is not None else update_id_of(payload, self._payload_limit)
+            update_id = decoded.update.update_id if decoded is not None else self.intake.update_id_of(payload)
             return protocol.Ack(device_id, update_id, False, exc.reason, self.current.version)
-        clients = client_updates(update, now)  # a site update enters as its member devices (coordinator/tier.py)
         # Durable first: a crash between here and the strategy replays it from the store on restart.
         self.store.record(update, payload, now, status="pending")
         try:
-            for client in clients:
-                self.strategy.add(client, self.current.version)
+            self.core.offer(update, now)  # a site update enters as its member devices (coordinator/tier.py)
         except RejectedUpdate as exc:
             self.store.reject_pending(device_id, update.update_id, exc.reason)
             log.warning("strategy rejected update %s from %s: %s", update.update_id, device_id, exc.reason)
@@ -224,34 +223,18 @@ class Coordinator:
     def maybe_aggregate(self) -> protocol.GlobalAdapter | None:
         """Aggregate if the strategy is ready; commit the new version before returning it."""
         now = self.clock()
-        if not self.strategy.ready(now):
+        new: NewVersion | None = self.core.next_version(now, self._fleet_metrics)
+        if new is None:
             return None
-        devices = {u.update_id: u.device_id for u in self.strategy.pending()}
-        started = time.perf_counter()
-        result: Aggregation = self.strategy.aggregate(self.current, now)
-        took = time.perf_counter() - started
-        metrics = {**result.metrics, **self._fleet_metrics()}
-        adapter = protocol.GlobalAdapter(
-            version=result.state.version,
-            parent_version=self.current.version,
-            bundle=self.bundle,
-            strategy=self.strategy.name,
-            created_at=now,
-            rank=self.manifest.lora.rank,
-            alpha=self.manifest.lora.alpha,
-            tensors=result.state.tensors,
-            metrics=metrics,
-        )
-        encoded = protocol.encode_global(adapter)
-        used = stored_keys({uid: (devices[uid], float(result.weights.get(uid, 0.0))) for uid in result.used})
-        self.store.save_version(adapter, encoded, result.state.residual, used)
-        self.current = result.state
-        self._publishable = encoded
-        self.last_metrics = metrics
-        log.info("version %d from %d updates", adapter.version, len(result.used))
-        self._emit_version(
-            adapter, tuple(devices[uid] for uid in result.used), took, now, result.timings.get("alignment")
-        )
+        adapter = new.adapter
+        used = stored_keys({f.update.update_id: (f.update.device_id, f.weight) for f in new.folded})
+        self.store.save_version(adapter, new.encoded, new.state.residual, used)
+        self.core.advance(new)
+        self._publishable = new.encoded
+        self.last_metrics = dict(adapter.metrics)
+        log.info("version %d from %d updates", adapter.version, len(new.folded))
+        devices = tuple(f.update.device_id for f in new.folded)
+        self._emit_version(adapter, devices, new.took_s, now, new.timings.get("alignment"))
         return adapter
 
     # -- observer (the dashboard) ----------------------------------------------------------------
@@ -338,7 +321,7 @@ class Coordinator:
             log.exception("update from %s could not be handled", device_id)
             ack = protocol.Ack(
                 device_id,
-                update_id_of(msg.payload, self._payload_limit),
+                self.intake.update_id_of(msg.payload),
                 False,
                 f"internal error: {exc}",
                 self.current.version,

@@ -35,8 +35,8 @@ from alignfed.lowrank import Factors
 from alignfed.topics import Topics, check_id
 from alignfed.transport import Message, Transport
 from coordinator.config import CoordinatorConfig
+from coordinator.core import Intake
 from coordinator.fairness import ParticipationWindow
-from coordinator.ingest import payload_limit, update_id_of, validate
 from coordinator.store import Store
 from coordinator.tier import WEIGHTINGS, combine, member_weights, members_of
 
@@ -174,9 +174,11 @@ class SiteCoordinator:
         self.cfg, self.site = cfg, site
         self.topics = Topics(cfg.federation)
         self.manifest = mf.load(cfg.bundle)
-        self.bundle = mf.bundle_digest(self.manifest)
-        self._payload_limit = payload_limit(cfg.limits, self.manifest)
         self.store = Store(cfg.database)
+        self.intake = Intake(
+            self.manifest, limits=cfg.limits, key_of=self.store.device_key, has_version=self.store.has_version
+        )
+        self.bundle = self.intake.bundle
         self.outbox = SiteOutbox(cfg.database)
         self.clock = clock
         self.transport: Transport | None = None
@@ -210,24 +212,18 @@ class SiteCoordinator:
         current = self.current_version()
         if current is None:
             reason = "no global version yet: the root has not reached this site"
-            return protocol.Ack(device_id, update_id_of(payload, self._payload_limit), False, reason, -1)
+            return protocol.Ack(device_id, self.intake.update_id_of(payload), False, reason, -1)
+        decoded: protocol.Decoded | None = None
         try:
-            update = validate(
-                device_id,
-                payload,
-                manifest=self.manifest,
-                bundle=self.bundle,
-                key_of=self.store.device_key,
-                has_version=self.store.has_version,
-                current_version=current,
-                limits=self.cfg.limits,
-            )
+            decoded = self.intake.decode(payload)  # once: the checks and the resend lookup read this
+            update = self.intake.validate(device_id, decoded, current)
         except RejectedUpdate as exc:
-            seen = self._seen(device_id, payload)
+            seen = self._seen(device_id, decoded) if decoded is not None else None
             if seen is not None:
                 return protocol.Ack(device_id, seen[0], seen[1], "duplicate", current)
             log.warning("rejected update from %s: %s", device_id, exc.reason)
-            return protocol.Ack(device_id, update_id_of(payload, self._payload_limit), False, exc.reason, current)
+            update_id = decoded.update.update_id if decoded is not None else self.intake.update_id_of(payload)
+            return protocol.Ack(device_id, update_id, False, exc.reason, current)
         seen_rec = self.store.lookup(device_id, update.update_id)
         if seen_rec is not None:
             return protocol.Ack(device_id, update.update_id, seen_rec.status != "rejected", "duplicate", current)
@@ -239,13 +235,9 @@ class SiteCoordinator:
                  update.base_version)  # fmt: skip
         return protocol.Ack(device_id, update.update_id, True, "accepted", current)
 
-    def _seen(self, device_id: str, payload: bytes) -> tuple[str, bool] | None:
-        key = self.store.device_key(device_id)
-        try:
-            decoded = protocol.decode_update(payload, self._payload_limit)
-        except ProtocolError:
-            return None
-        if key is None or not decoded.verify(key):
+    def _seen(self, device_id: str, decoded: protocol.Decoded) -> tuple[str, bool] | None:
+        """(update id, accepted) of a correctly signed resend the site stored before."""
+        if not self.intake.signed_by(device_id, decoded):
             return None
         rec = self.store.lookup(device_id, decoded.update.update_id)
         return None if rec is None else (rec.update_id, rec.status != "rejected")
@@ -286,7 +278,7 @@ class SiteCoordinator:
             return []
         groups: dict[int, list[protocol.AdapterUpdate]] = {}
         for payload, _ in pending:
-            u = protocol.decode_update(payload, self._payload_limit).update
+            u = protocol.decode_update(payload, self.intake.payload_limit).update
             groups.setdefault(u.base_version, []).append(u)
         sent = []
         for base in sorted(groups):  # version-aware grouping: one site update per base version
@@ -328,7 +320,7 @@ class SiteCoordinator:
                     ack = self.handle_update(device_id, msg.payload)
                 except Exception as exc:  # one bad message must never stop the site
                     log.exception("update from %s could not be handled", device_id)
-                    uid = update_id_of(msg.payload, self._payload_limit)
+                    uid = self.intake.update_id_of(msg.payload)
                     ack = protocol.Ack(device_id, uid, False, f"internal error: {exc}", -1)
                 self.transport.ack(msg)
                 self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))

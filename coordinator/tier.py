@@ -56,7 +56,7 @@ def member_weights(
         return fairness.weights(samples, [0] * m, devices, [1.0] * m, window, params or FairnessParams())
     n = np.asarray(samples, dtype=np.float64)
     if weighting == "samples" and n.sum() > 0:
-        return n / n.sum()
+        return np.asarray(n / n.sum())
     return np.full(m, 1.0 / m)
 
 

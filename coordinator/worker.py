@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 from alignfed import manifest as mf
 from alignfed import protocol
-from alignfed.errors import ConfigError, ProtocolError, RejectedUpdate
+from alignfed.errors import ConfigError, RejectedUpdate
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport, shared_subscription
 from coordinator.config import CoordinatorConfig
-from coordinator.ingest import payload_limit, update_id_of, validate
+from coordinator.core import Intake
 from coordinator.pgstore import PgStore
 from coordinator.storage import is_postgres
 
@@ -43,9 +43,11 @@ class IngestWorker:
         self.name = name
         self.topics = Topics(cfg.federation)
         self.manifest = mf.load(cfg.bundle)
-        self.bundle = mf.bundle_digest(self.manifest)
-        self._payload_limit = payload_limit(cfg.limits, self.manifest)
         self.store = PgStore(str(cfg.database), worker=name)
+        self.intake = Intake(
+            self.manifest, limits=cfg.limits, key_of=self.store.device_key, has_version=self.store.has_version
+        )
+        self.bundle = self.intake.bundle
         self.clock = clock
         self.transport: Transport | None = None
         self.handled = 0
@@ -54,14 +56,9 @@ class IngestWorker:
         # Read per update: the aggregator moves it, and a cached value would call a fresh update "future".
         return self.store.latest_version() or 0
 
-    def _seen(self, device_id: str, payload: bytes, current: int) -> protocol.Ack | None:
+    def _seen(self, device_id: str, decoded: protocol.Decoded, current: int) -> protocol.Ack | None:
         """The stored outcome of a correctly signed resend (see `Coordinator._seen`)."""
-        key = self.store.device_key(device_id)
-        try:
-            decoded = protocol.decode_update(payload, self._payload_limit)
-        except ProtocolError:
-            return None
-        if key is None or decoded.update.device_id != device_id or not decoded.verify(key):
+        if not self.intake.signed_by(device_id, decoded):
             return None
         seen = self.store.lookup(device_id, decoded.update.update_id)
         if seen is None:
@@ -71,22 +68,16 @@ class IngestWorker:
     def handle_update(self, device_id: str, payload: bytes) -> protocol.Ack:
         now = self.clock()
         current = self._current_version()
+        decoded: protocol.Decoded | None = None
         try:
-            update = validate(
-                device_id,
-                payload,
-                manifest=self.manifest,
-                bundle=self.bundle,
-                key_of=self.store.device_key,
-                has_version=self.store.has_version,
-                current_version=current,
-                limits=self.cfg.limits,
-            )
+            decoded = self.intake.decode(payload)  # once: the checks and the resend lookup read this
+            update = self.intake.validate(device_id, decoded, current)
         except RejectedUpdate as exc:
-            if (again := self._seen(device_id, payload, current)) is not None:  # accepted before, stale now
-                return again
+            if decoded is not None and (again := self._seen(device_id, decoded, current)) is not None:
+                return again  # accepted before, stale now
             log.warning("rejected update from %s: %s", device_id, exc.reason)
-            return protocol.Ack(device_id, update_id_of(payload, self._payload_limit), False, exc.reason, current)
+            update_id = decoded.update.update_id if decoded is not None else self.intake.update_id_of(payload)
+            return protocol.Ack(device_id, update_id, False, exc.reason, current)
         seen = self.store.lookup(device_id, update.update_id)
         if seen is not None:  # QoS 1 duplicate or resend, possibly handled by another worker
             return protocol.Ack(device_id, update.update_id, seen.status != "rejected", "duplicate", current)
@@ -104,7 +95,7 @@ class IngestWorker:
         try:
             ack = self.handle_update(device_id, msg.payload)
         except RejectedUpdate as exc:
-            ack = protocol.Ack(device_id, update_id_of(msg.payload, self._payload_limit), False, exc.reason, -1)
+            ack = protocol.Ack(device_id, self.intake.update_id_of(msg.payload), False, exc.reason, -1)
         self.transport.ack(msg)  # the update is in PostgreSQL now: the broker may forget it
         self.transport.publish(self.topics.ack(device_id), protocol.encode_ack(ack))
         self.handled += 1

@@ -93,5 +93,5 @@ def chunked_head_loss(
 ) -> torch.Tensor:
     """Mean cross-entropy of logits h @ headᵀ (soft-capped to ±softcap when given) against labels
     (−100 ignored); h (N, H), head (V, H) float32 or `edge.lean_linear.Int8Rows`."""
-    out: torch.Tensor = _ChunkedHeadLoss.apply(h, head, labels, chunk, softcap)
+    out: torch.Tensor = _ChunkedHeadLoss.apply(h, head, labels, chunk, softcap)  # type: ignore[no-untyped-call]  # torch's stub
     return out

@@ -24,12 +24,12 @@ from alignfed import atomic, protocol
 from alignfed import manifest as mf
 from alignfed.adapter import compute_deltas
 from alignfed.errors import AlignFedError, ProtocolError, TrainingError
-from alignfed.profiles import estimate_memory_mb
 from alignfed.text import IGNORE, Batch, Batcher, hold_out, load_texts
 from alignfed.topics import Topics
 from alignfed.transport import Transport
 from edge.allocator import current as current_allocator
 from edge.config import DeviceConfig
+from edge.memory_fit import shortfall
 from edge.outbox import Outbox
 from edge.trainer import Trainer
 from edge.uplink import Uplink
@@ -66,12 +66,8 @@ class EdgeDaemon:
         mf.verify(cfg.bundle, self.manifest)
         self.bundle = mf.bundle_digest(self.manifest)
         p = cfg.profile
-        need = estimate_memory_mb(cfg.bundle, self.manifest, p.batch, p.seq_len, p.trainer)
-        if need > p.memory_mb:
-            raise TrainingError(
-                f"bundle {cfg.bundle} needs about {need:.0f} MB to train at batch {p.batch} × {p.seq_len}, "
-                f"profile {p.name!r} allows {p.memory_mb} MB: use a smaller batch/seq_len or an int8 bundle"
-            )
+        if (why := shortfall(self.manifest, p, cfg.bundle)) is not None:  # as `flash` checked it
+            raise TrainingError(why)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(cfg.state_dir / "outbox")
         self.uplink = Uplink(cfg.wire_quantization, cfg.delta_rank, feedback=cfg.delta_feedback)

@@ -32,7 +32,7 @@ from alignfed.rope import rope_table
 from edge import torch_families
 from edge.torch_families import TORCH_FAMILIES
 
-__all__ = ["TORCH_FAMILIES", "TorchNetwork", "base_weights", "import_torch", "pick_device"]
+__all__ = ["TORCH_FAMILIES", "TorchNetwork", "base_weights", "import_torch"]
 
 QKV_BIAS = ("q", "k", "v")  # projections with a bias when Architecture.qkv_bias (Qwen2)
 
@@ -71,18 +71,6 @@ def base_weights(bundle: Path) -> dict[str, np.ndarray]:
         else:
             out[name] = arr.astype(np.float32)
     return out
-
-
-def pick_device(prefer: str = "auto") -> str:
-    """ "cuda" when asked for or ("auto") when a CUDA GPU is present, else "cpu"."""
-    torch = import_torch()
-    if prefer not in ("auto", "cpu", "cuda"):
-        raise TrainingError(f"torch device must be auto, cpu or cuda, got {prefer!r}")
-    if prefer == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("torch device cuda was asked for, but PyTorch sees no CUDA GPU")
-    if prefer == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return prefer
 
 
 class TorchNetwork:

@@ -29,24 +29,20 @@ class Trainer(Protocol):
 class OrtTrainer:
     def __init__(self, bundle: Path, manifest: mf.Manifest, *, lr: float, threads: int) -> None:
         try:
-            import onnxruntime as ort
-            import onnxruntime.training.api
+            import onnxruntime.training.api  # noqa: F401 - only to name the missing extra
         except ImportError as exc:
             raise TrainingError(
                 "onnxruntime-training is not installed; install the edge extra on x86_64, "
                 "or use a profile with trainer = 'torch' on aarch64"
             ) from exc
-        from runtime.ort import open_session
+        from runtime.ort import open_session, session_options
 
         self.names = sorted(manifest.lora_shapes())
         self.shapes = manifest.lora_shapes()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
         # Without the arena ORT frees activations between steps: peak RSS of SmolLM2 int8 training
         # at 4×64 drops from 1.47 GB to 1.22 GB at the same step time (benchmarks/bench_export.py).
-        opts.enable_cpu_mem_arena = False
+        # Spinning stays on: steps run back to back and nothing else on the board wants the cores.
+        opts = session_options(threads=threads, spinning=True, arena=False)
         session = open_session(Path(bundle) / mf.TRAIN_DIR, learning_rate=lr, session_options=opts)
         self.state, self.module, self.optimizer = session.state, session.module, session.optimizer
 

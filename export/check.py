@@ -92,10 +92,9 @@ def _tokenizer(bundle: Path, manifest: mf.Manifest) -> str:
 
 def _ort_losses(bundle: Path, manifest: mf.Manifest) -> tuple[float, float]:
     """(training eval-model loss, calibration-model loss) with the initial adapter."""
-    import onnxruntime as ort
     from safetensors.numpy import load_file
 
-    from runtime.ort import get_params, open_session
+    from runtime.ort import get_params, inference_session, open_session, session_options
 
     ids, labels = _batch(bundle, manifest)
     init = load_file(str(bundle / mf.ADAPTER_INIT))
@@ -106,7 +105,8 @@ def _ort_losses(bundle: Path, manifest: mf.Manifest) -> tuple[float, float]:
         raise BundleError(f"checkpoint LoRA tensor(s) {differ[:3]} differ from {mf.ADAPTER_INIT}")
     session.module.eval()
     eval_loss = float(session.module(ids, labels))
-    calib = ort.InferenceSession(str(bundle / mf.CALIB_MODEL), providers=["CPUExecutionProvider"])
+    # ORT's default threads and spinning, as the check always ran; errors only in the log
+    calib = inference_session(bundle / mf.CALIB_MODEL, session_options(threads=0, spinning=True))
     calib_loss = float(calib.run(["loss"], {"input_ids": ids, "labels": labels, **init})[0])
     return eval_loss, calib_loss
 

@@ -106,7 +106,8 @@ def torch_model(config: Mapping[str, Any], weights: Mapping[str, np.ndarray]) ->
         )
     if tied:
         model.tie_weights()
-    return model.eval()
+    module: nn.Module = model.eval()
+    return module
 
 
 class LoraProjection(nn.Module):
@@ -139,7 +140,7 @@ class LoraProjection(nn.Module):
         return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (B, T, out)
+        y: torch.Tensor = self.base(x)  # (B, T, out)
         out = self.base.out_features
         for module, start, stop in self.blocks:
             self.captured[lora.layer_id(self.layer, module)] = x

@@ -1,4 +1,9 @@
-"""Named access to the parameters of an ONNX Runtime training session (onnxruntime-training 1.19).
+"""ONNX Runtime sessions: their options, and named access to the parameters of a training session
+(onnxruntime-training 1.19).
+
+`session_options` and `inference_session` are the one place sessions are set up (the edge trainer,
+the coordinator's calibration runner and export's bundle check): thread counts, spinning, the
+memory arena, the log level and the execution providers.
 
 Measured behaviour of 1.19.2 that shapes this module:
 - `state.parameters[name].data` returns a numpy *view* of the live buffer: editing it edits the
@@ -28,6 +33,37 @@ from alignfed.manifest import TRAINING_FILE as TRAINING_MODEL
 
 # CheckpointStates that have a Module bound to them (only those can be written safely).
 _BOUND: weakref.WeakSet[Any] = weakref.WeakSet()
+
+PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)  # every session runs on the CPU
+QUIET = 3  # ORT log severity: errors only (its warnings are about graph rewrites, not the user's input)
+
+
+def session_options(*, threads: int, spinning: bool = False, arena: bool = True, log_level: int = QUIET) -> Any:
+    """`onnxruntime.SessionOptions` for one session.
+
+    `threads`: intra-op threads (0: ORT's default, one per core); inter-op stays 1, the graphs here
+    are a chain. `spinning`: whether idle intra-op workers busy-wait for the next op; off, a
+    process's CPU time is the work it does (the coordinator reports it). `arena`: ORT's CPU memory
+    arena; off, activations are freed between runs (decision 10)."""
+    import onnxruntime as ort
+
+    if threads < 0:
+        raise ValueError(f"session_options: threads must be ≥ 0 (0 = one per core), got {threads}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = log_level
+    opts.enable_cpu_mem_arena = arena
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def inference_session(model: Path, options: Any) -> Any:
+    """An `onnxruntime.InferenceSession` of `model` with `options` (from `session_options`) on `PROVIDERS`."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(model), options, providers=list(PROVIDERS))
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,9 @@ import numpy as np
 from alignfed import manifest as mf
 from alignfed.errors import TrainingError
 from alignfed.text import Batch
+from edge.accelerator import choose
 from edge.adamw import AdamW, Moments
-from edge.torch_network import TorchNetwork, import_torch, pick_device
+from edge.torch_network import TorchNetwork, import_torch
 from simulator.training import TrainJob, TrainResult
 
 EVAL_ROWS = 64  # rows per evaluation pass: bounds activation memory on real models
@@ -40,7 +41,8 @@ class BatchedTrainer:
     def __init__(self, bundle: Path, manifest: mf.Manifest, *, threads: int = 1, device: str = "auto") -> None:
         self._torch = torch = import_torch()
         torch.set_num_threads(max(1, threads))
-        self.device = pick_device(device)
+        # float32 on a GPU too: the simulated devices' rounds must match ORT's (tests/simulator/test_batched.py)
+        self.device = choose(torch, device, half=False, strict=True).device
         self.net = TorchNetwork(Path(bundle), manifest, device=self.device)
         self.shapes: dict[str, tuple[int, ...]] = {n: tuple(s) for n, s in manifest.lora_shapes().items()}
         self.names: list[str] = sorted(self.shapes)

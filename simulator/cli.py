@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignfed.protocol import CODECS, QUANTIZATIONS
+from coordinator.ingest import IngestLimits
 from simulator.timing import DEFAULT_STEP_S
 from simulator.variants import VARIANT_NAMES, select_variants
 
@@ -106,6 +107,13 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="scale",
         choices=("scale", "signflip", "random", "mixed"),
         help="what Byzantine devices send: 10×Δ, −Δ, noise of Δ's norm, or each in turn (default scale)",
+    )
+    s.add_argument(
+        "--max-delta-norm",
+        type=float,
+        default=IngestLimits().max_delta_norm,
+        help="the coordinator's ingest bound on each layer delta's Frobenius norm, as coordinator.toml's "
+        f"[ingest] max_delta_norm (default {IngestLimits().max_delta_norm:g}; inf turns it off)",
     )
     s.add_argument("--target-loss", type=float, help="time-to-target threshold (default: fedavg's final eval loss)")
     s.add_argument("--calibration-tokens", type=int, default=256, help="AlignFed calibration tokens n (default 256)")
@@ -211,8 +219,8 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
     """The testbed and experiment configs an argument namespace asks for."""
+    from simulator.config import SimulationConfig
     from simulator.domains import parse_spec
-    from simulator.engine import SimulationConfig
     from simulator.experiment import ExperimentConfig
     from simulator.fleet import FleetConfig
     from simulator.partition import PartitionConfig
@@ -259,6 +267,7 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
         seed=args.seed,
         byzantine=args.byzantine,
         attack=args.attack,
+        limits=IngestLimits(max_delta_norm=args.max_delta_norm),
     )
     variants = select_variants([args.strategies], devices=args.devices, k=args.k, overrides=args.set)
     save = args.save_adapters or bool(args.perplexity)

@@ -18,12 +18,14 @@ from alignfed.errors import ConfigError
 from coordinator.strategies import build, strategy_class
 from coordinator.strategies.base import Strategy
 from simulator.accuracy import AccuracyHook
-from simulator.engine import Simulation, SimulationConfig, VersionHistory
+from simulator.config import SimulationConfig
+from simulator.engine import Simulation
 from simulator.events import Event
 from simulator.metrics import RunResult, Summary, summarize
 from simulator.saved_adapters import SavedAdapter, SavingHistory, save_final, variant_dir
 from simulator.testbed import Testbed
 from simulator.variants import Variant
+from simulator.versions import VersionHistory
 
 
 class Progress(Protocol):

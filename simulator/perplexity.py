@@ -55,7 +55,7 @@ def nll(logits: np.ndarray, ids: Sequence[int]) -> np.ndarray:
     z = logits[:-1].astype(np.float64)  # (T−1, V)
     z -= z.max(axis=1, keepdims=True)
     log_norm = np.log(np.exp(z).sum(axis=1))
-    return log_norm - z[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+    return np.asarray(log_norm - z[np.arange(len(ids) - 1), np.asarray(ids[1:])])
 
 
 def score_adapters(

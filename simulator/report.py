@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulator.engine import SimulationConfig
+from simulator.config import SimulationConfig
 from simulator.events import write_csv
 from simulator.experiment import ExperimentResult
 from simulator.fleet import speed_span

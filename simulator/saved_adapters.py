@@ -1,6 +1,6 @@
 """Keep what a run produced: global adapters as safetensors and as llama.cpp GGUF LoRAs.
 
-`SavingHistory` is the engine's version store (`engine.VersionHistory`) that also writes every
+`SavingHistory` is the run's version store (`versions.VersionHistory`) that also writes every
 `every`-th version as it is made; `save_final` writes the run's last version. Files, per variant:
 
     {out}/{variant}/v{version:05d}.safetensors + .gguf     every N-th version (--save-every N)
@@ -24,7 +24,7 @@ from alignfed import manifest as mf
 from alignfed.errors import ConfigError
 from alignfed.gguf_adapter import write_lora_gguf
 from coordinator.strategies.base import AdapterState
-from simulator.engine import VersionHistory
+from simulator.versions import VersionHistory
 
 FINAL = "final"
 

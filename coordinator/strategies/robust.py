@@ -88,7 +88,7 @@ def scaled(deltas: Mapping[str, Factors], factor: float) -> dict[str, Factors]:
 
 def coordinate_median(stacked: np.ndarray) -> np.ndarray:
     """Coordinate-wise median over axis 0: (m, out, in) → (out, in)."""
-    return np.median(stacked, axis=0)
+    return np.asarray(np.median(stacked, axis=0))
 
 
 def trimmed_mean(stacked: np.ndarray, trim: float) -> np.ndarray:
@@ -97,9 +97,9 @@ def trimmed_mean(stacked: np.ndarray, trim: float) -> np.ndarray:
     m = stacked.shape[0]
     cut = math.floor(trim * m)
     if cut == 0:
-        return stacked.mean(axis=0)
+        return np.asarray(stacked.mean(axis=0))
     ordered = np.sort(stacked, axis=0)
-    return ordered[cut : m - cut].mean(axis=0)
+    return np.asarray(ordered[cut : m - cut].mean(axis=0))
 
 
 def dense_factors(matrix: np.ndarray) -> Factors:

@@ -211,6 +211,20 @@ def test_cuda_is_chosen_when_torch_sees_a_gpu() -> None:
     assert choose(_fake_cuda_torch(bf16=True), "cpu").device == "cpu"  # the profile decides first
 
 
+def test_auto_strict_and_float32_placements_for_the_simulators_batched_trainer() -> None:
+    gpu = _fake_cuda_torch(bf16=True)
+    no_gpu = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(is_available=lambda: False), version=types.SimpleNamespace(cuda=None),
+        __version__="2.5.0",
+    )  # fmt: skip
+    assert (choose(gpu, "auto").device, choose(no_gpu, "auto").device) == ("cuda", "cpu")
+    assert choose(gpu, "cuda", half=False).compute_dtype == "float32"  # simulated rounds match ORT's
+    with pytest.raises(TrainingError, match=r"CUDA was asked for, but torch 2\.5\.0 is a CPU build"):
+        choose(no_gpu, "cuda", strict=True)
+    with pytest.raises(TrainingError, match="accelerator 'tpu'; expected one of auto, cpu, cuda"):
+        choose(gpu, "tpu")
+
+
 def test_cuda_profile_falls_back_to_the_cpu_with_a_logged_reason(
     bundle: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator.engine import SimulationConfig
+from simulator.config import SimulationConfig
 from simulator.fleet import FleetConfig
 from simulator.testbed import Testbed, TestbedConfig
 

@@ -93,3 +93,14 @@ def test_refactorizations_version_by_version(tiny_bundle: Path, tmp_path: Path) 
     for variant in ("alignfed", "alignfed-qrcp", "alignfed-cur"):
         versions = [int(c["version"]) for c in curves if c["variant"] == variant]
         assert versions == list(range(len(versions))) and len(versions) >= 3
+
+
+def test_byzantine_with_the_ingest_norm_bound_set_from_the_command_line(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Experiment 6: --byzantine, --attack and --max-delta-norm reach the run; the simulated coordinator
+    validates like the live one, so a bound below every delta refuses every update."""
+    common = ["--bundle", str(tiny_bundle), "--classes", "1", "--strategies", "fedbuff", "--horizon", "6"]
+    attack = ["--byzantine", "0.25", "--attack", "scale", "--max-versions", "2"]
+    (open_run,) = simulate([*common, *attack, "--max-delta-norm", "inf", "--out", str(tmp_path / "inf")])
+    assert int(open_run["versions"]) == 2 and int(open_run["rejected"]) == 0
+    (shut,) = simulate([*common, *attack, "--max-delta-norm", "1e-9", "--out", str(tmp_path / "shut")])
+    assert int(shut["versions"]) == 0 and int(shut["rejected"]) > 0

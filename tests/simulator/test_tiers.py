@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from coordinator.strategies.fedbuff import FedBuff
-from simulator.engine import Simulation, VersionHistory
+from simulator.engine import Simulation
 from simulator.testbed import Testbed
 from simulator.tiers import SiteTier
+from simulator.versions import VersionHistory
 from tests.simulator.conftest import make_sim_config
 
 
