@@ -22,9 +22,9 @@ import numpy as np
 
 from alignfed import atomic, protocol
 from alignfed import manifest as mf
-from alignfed.adapter import compute_deltas
+from alignfed.adapter import compute_deltas, truncate
 from alignfed.errors import AlignFedError, ProtocolError, TrainingError
-from alignfed.profiles import estimate_memory_mb
+from alignfed.profiles import capped_delta_rank, estimate_memory_mb, lora_rank
 from alignfed.text import IGNORE, Batch, Batcher, hold_out, load_texts
 from alignfed.topics import Topics
 from alignfed.transport import Transport
@@ -55,8 +55,6 @@ class DeviceStats:
     versions_seen: list[int] = field(default_factory=list)
 
 
-
-
 class EdgeDaemon:
     def __init__(self, cfg: DeviceConfig, *, stop: threading.Event | None = None) -> None:
         self.cfg = cfg
@@ -73,9 +71,14 @@ class EdgeDaemon:
                 f"bundle {cfg.bundle} needs about {need:.0f} MB to train at batch {p.batch} × {p.seq_len}, "
                 f"profile {p.name!r} allows {p.memory_mb} MB: use a smaller batch/seq_len or an int8 bundle"
             )
+        self.rank = lora_rank(p, self.manifest.lora.rank)  # the LoRA rank this device trains at
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(cfg.state_dir / "outbox")
-        self.uplink = Uplink(cfg.wire_quantization, cfg.delta_rank, feedback=cfg.delta_feedback)
+        self.uplink = Uplink(
+            cfg.wire_quantization,
+            capped_delta_rank(cfg.delta_rank, self.rank, self.manifest.lora.rank),
+            feedback=cfg.delta_feedback,
+        )
         self._state_file = cfg.state_dir / "state.json"
         saved = json.loads(self._state_file.read_text()) if self._state_file.exists() else {}
         self._seq = int(saved.get("seq", 0))
@@ -265,6 +268,10 @@ class EdgeDaemon:
         p = self.cfg.profile
         self.trainer.load_adapter(base.tensors)
         eval_loss = self.evaluate()  # of `base`, on data this device never trains on
+        origin = dict(base.tensors)
+        if self.rank < self.manifest.lora.rank:  # capped by the profile: train base's best rank-k part
+            origin = truncate(base.tensors, self.manifest, self.rank)
+            self.trainer.load_adapter(origin)
         start = time.monotonic()  # wall_time is the training's alone
         losses = []
         batches = iter(self.batcher)
@@ -288,8 +295,9 @@ class EdgeDaemon:
             wall_time=time.monotonic() - start,
             profile=p.name,
             created_at=time.time(),
-            deltas=self.uplink.compress(compute_deltas(trained, dict(base.tensors), self.manifest)),
+            deltas=self.uplink.compress(compute_deltas(trained, origin, self.manifest, self.rank)),
             eval_loss=eval_loss,
+            rank=self.rank,
         )
 
     def evaluate(self) -> float:
