@@ -71,7 +71,10 @@ class EdgeDaemon:
                 f"bundle {cfg.bundle} needs about {need:.0f} MB to train at batch {p.batch} × {p.seq_len}, "
                 f"profile {p.name!r} allows {p.memory_mb} MB: use a smaller batch/seq_len or an int8 bundle"
             )
-        self.rank = lora_rank(p, self.manifest.lora.rank)  # the LoRA rank this device trains at
+        r = self.manifest.lora.rank
+        self.rank = lora_rank(p, r)  # the LoRA rank this device trains at
+        if self.rank < r:
+            log.info("%s: trains at LoRA rank %d (profile %r), the bundle's is %d", cfg.device_id, self.rank, p.name, r)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(cfg.state_dir / "outbox")
         self.uplink = Uplink(
