@@ -86,6 +86,23 @@ def export(model: Path, out: Path, rank: int, alpha: float) -> float:
     return time.perf_counter() - t0
 
 
+def lora_share(m: mf.Manifest, zero_components: int, b: int, t: int) -> float:
+    """Analytic FLOPs of `zero_components` LoRA components in one training step, as a share of the step.
+
+    Per token and adapted layer (in, out) a component costs 2·(in + out) forward and twice that in
+    backward (the input's gradient, and A's and B's): 6·(in + out). The step is the frozen base's
+    forward and backward to the activations (`bench_export.train_flops`) plus the LoRA work.
+    """
+    from benchmarks.bench_export import train_flops
+
+    a = m.architecture
+    width = {"q": a.n_heads * a.head_dim, "k": a.n_kv_heads * a.head_dim, "v": a.n_kv_heads * a.head_dim}
+    per_token = sum(6 * (a.hidden + width[mod]) for lid in m.layer_ids for mod in [lid.split(".")[1]])
+    lora = b * t * per_token * zero_components
+    full = b * t * per_token * m.lora.rank
+    return lora / (train_flops(a, b, t) + full)
+
+
 def dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
@@ -143,7 +160,10 @@ def main() -> None:
         size = int(statistics.median(r["update_bytes"] for r in runs[case]))
         print(f"| {LABELS[case]} | {step:.3f} ({step / native:.3f}) | {low:.3f} ({low / fastest:.3f}) | {rss:.0f} "
               f"| {size:,} |")  # fmt: skip
+    share = lora_share(mf.load(bundles["r"]), args.rank - args.cap, args.batch, args.seq)
     print()
+    print(f"- the {args.rank - args.cap} zero components a capped device carries in the rank-{args.rank} graph: "
+          f"{100 * share:.2f} % of a step's FLOPs (analytic)")  # fmt: skip
     for n, p in bundles.items():
         rank = args.rank if n == "r" else args.cap
         took = f", exported in {secs[n]:.0f} s" if secs[n] else ""
