@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from alignfed import lora, lowrank
 from alignfed import manifest as mf
-from alignfed.errors import BundleError
+from alignfed.errors import BundleError, TrainingError
 
 
 def initial_adapter(bundle: Path, manifest: mf.Manifest) -> dict[str, np.ndarray]:
@@ -29,15 +29,38 @@ def initial_adapter(bundle: Path, manifest: mf.Manifest) -> dict[str, np.ndarray
     return tensors
 
 
+def truncate(tensors: Mapping[str, np.ndarray], m: mf.Manifest, rank: int) -> dict[str, np.ndarray]:
+    """The adapter a device capped at LoRA rank `rank` trains from: every layer's B A replaced by its
+    best rank-k approximation (`lowrank.truncate_lora`), shapes unchanged (components beyond k are
+    zero). The adapter itself (a copy) when `rank` ≥ the bundle's rank r."""
+    out = {name: np.array(t, dtype=np.float32) for name, t in tensors.items()}
+    if rank >= m.lora.rank:
+        return out
+    for lid in m.layer_ids:
+        layer, module = lora.split_layer_id(lid)
+        a, b = lora.key(layer, module, "A"), lora.key(layer, module, "B")
+        out[a], out[b] = lowrank.truncate_lora(tensors[a], tensors[b], rank, m.lora.scale)
+    return out
+
+
 def compute_deltas(
-    trained: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], m: mf.Manifest
+    trained: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], m: mf.Manifest, rank: int = 0
 ) -> dict[str, lowrank.Factors]:
     """Exact factors of s·(B_i A_i − B_v A_v) per adapted layer, rank ≤ 2r.
 
-    `edge.uplink.Uplink` takes their SVD and decides what of it is sent."""
+    `rank` k > 0: both adapters are of rank k (a capped device's start, `truncate`, and what it
+    trained from it, whose components beyond k stay zero), so only their first k components are
+    differenced: factors of rank ≤ 2k. `edge.uplink.Uplink` takes their SVD and decides what of it
+    is sent."""
+    k = min(rank or m.lora.rank, m.lora.rank)
     out: dict[str, lowrank.Factors] = {}
     for lid in m.layer_ids:
         layer, module = lora.split_layer_id(lid)
         a, b = lora.key(layer, module, "A"), lora.key(layer, module, "B")
-        out[lid] = lowrank.difference(trained[b], trained[a], base[b], base[a], m.lora.scale)
+        if k < m.lora.rank and (np.any(trained[a][k:]) or np.any(trained[b][:, k:])):
+            raise TrainingError(
+                f"layer {lid}: the trained adapter has non-zero components beyond its rank {k}; "
+                "a capped device must train from `truncate`'s adapter, whose extra components stay zero"
+            )
+        out[lid] = lowrank.difference(trained[b][:, :k], trained[a][:k], base[b][:, :k], base[a][:k], m.lora.scale)
     return out

@@ -105,6 +105,43 @@ def difference(b_new: np.ndarray, a_new: np.ndarray, b_old: np.ndarray, a_old: n
     return Factors(u=u.astype(np.float32), v=v.astype(np.float32))
 
 
+def truncate_lora(a: np.ndarray, b: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The LoRA pair of rank ≤ `rank` whose product is closest to s·B @ A, in the same shapes.
+
+    A: (r, in), B: (out, r) → A_k: (r, in), B_k: (out, r) with only the first k = min(rank, r)
+    components non-zero. s·B_k A_k is the best rank-k approximation of M = s·B A (Eckart–Young: the
+    top k singular triplets; exact when rank(M) ≤ k). Each σ is split as the server splits its
+    adapters (`to_adapter`: A = √σ·Vᵀ, s·B = U·√σ), so a global the server made truncates to its
+    own first k components, untouched, and a capped device trains exactly those; any other split
+    has the same product, only other training dynamics.
+
+    Components M does not use (σ = 0) cannot be found by an SVD; they are filled with A's own
+    rows whose B column is zero, in order, with B's column left zero: the product does not change,
+    and a fresh adapter (B = 0, A = LoRA's random init) truncates to its first k rows, trainable,
+    instead of to A = B = 0, where every gradient is zero. Zero rows and columns stay exactly zero
+    in training (their gradients are products with the other factor's zero), so the rank-r graph
+    trains a rank-k adapter. The scale s = alpha/r is unchanged: the product keeps its meaning.
+    """
+    r = a.shape[0]
+    if b.shape[1] != r:
+        raise ValueError(f"truncate_lora: A is {a.shape}, B is {b.shape}; expected A (r, in), B (out, r)")
+    if rank < 1:
+        raise ValueError(f"truncate_lora: rank must be ≥ 1, got {rank}")
+    if rank >= r:
+        return np.array(a, dtype=np.float32), np.array(b, dtype=np.float32)
+    sv = Svd.of_factors(Factors(u=scale * b.astype(np.float64), v=a))
+    # numerical rank (numpy.linalg.matrix_rank's tolerance): what lies below is rounding, not direction
+    tol = sv.s[0] * max(b.shape[0], a.shape[1]) * np.finfo(np.float64).eps if sv.s.size else 0.0
+    used = min(rank, int(np.count_nonzero(sv.s > tol)))
+    top = sv.head(used)
+    a_k = np.zeros(a.shape, dtype=np.float32)
+    b_k = np.zeros(b.shape, dtype=np.float32)
+    a_k[:used], b_k[:, :used] = top.v, top.u / scale
+    seeds = [j for j in range(r) if not np.any(b[:, j]) and np.any(a[j])][: rank - used]
+    a_k[used : used + len(seeds)] = a[seeds]
+    return a_k, b_k
+
+
 @dataclass(frozen=True, slots=True)
 class AdapterSplit:
     """M = s·B@A + residual + (what the residual's rank cap dropped, of norm `dropped`)."""

@@ -50,6 +50,10 @@ class DeviceProfile:
     # The largest base this device trains at its batch × seq_len within memory_mb, as measured by
     # benchmarks/bench_lean.py (BENCHMARKS.md); `flash` refuses bundles whose estimate exceeds memory_mb.
     largest_model: str = ""
+    # Cap on the LoRA rank this device trains (0: the bundle's rank r). A capped device trains the
+    # global adapter truncated to its best rank-k approximation and sends an update of rank k
+    # (`lora_rank`, docs/decisions.md "Heterogeneous LoRA ranks").
+    max_rank: int = 0
 
 
 _RANGES: dict[str, tuple[float, float]] = {
@@ -65,6 +69,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "downlink_kbps": (1.0, 1e8),
     "latency_ms": (0.0, 1e6),
     "availability": (0.0, 1.0),
+    "max_rank": (0, 4096),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("x86_64", "aarch64"),
@@ -87,6 +92,19 @@ def parse_profile(raw: dict[str, Any], source: str) -> DeviceProfile:
         if name in _CHOICES and value not in _CHOICES[name]:
             raise ConfigError(f"{source}: {name} = {value!r}; expected one of {list(_CHOICES[name])}")
     return DeviceProfile(**values)
+
+
+def lora_rank(profile: DeviceProfile, bundle_rank: int) -> int:
+    """The LoRA rank a device of this profile trains at: the bundle's rank r, or the profile's cap if lower."""
+    return min(profile.max_rank, bundle_rank) if profile.max_rank > 0 else bundle_rank
+
+
+def capped_delta_rank(delta_rank: int, rank: int, bundle_rank: int) -> int:
+    """The uplink's delta rank (0: exact) for a device training at LoRA rank `rank`: a rank-k device's
+    delta has rank ≤ 2k, and ingest refuses factors wider than that, so a capped device sends ≤ 2k."""
+    if rank >= bundle_rank:
+        return delta_rank
+    return min(delta_rank or 2 * rank, 2 * rank)
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:

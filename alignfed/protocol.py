@@ -290,6 +290,9 @@ class AdapterUpdate:
     `deltas[layer_id]` holds factors with delta = u @ v = s·(B_i A_i − B_v A_v), shape (out, in);
     u: (out, k), v: (k, in), k ≤ 2r. `quantization` says how the factors travel ("fp32" | "int8" | "int8c").
     `eval_loss`, measured before training, is what the federation's worst-device loss is made of.
+    `rank` is the LoRA rank the device trained at (k ≤ r, its profile's cap; 0: not stated, i.e.
+    the bundle's r): a capped device's delta is s·(B_i A_i − T_k(B_v A_v)), T_k the best rank-k
+    approximation it started from, so k ≤ 2·rank.
     """
 
     device_id: str
@@ -310,6 +313,7 @@ class AdapterUpdate:
     signature: str = ""
     # a site update: the device updates it combines (empty for a device's own update); signed with the rest
     members: tuple[Member, ...] = ()
+    rank: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +378,8 @@ def _update_wire(update: AdapterUpdate, quantization: str) -> tuple[dict[str, st
         meta["eval_loss"] = repr(float(update.eval_loss))
     if update.members:  # absent for device updates, so their bytes and signatures do not change
         meta["members"] = json.dumps([[m.device_id, m.update_id, m.samples, m.weight] for m in update.members])
+    if update.rank:  # absent when not stated, so older updates keep their bytes and signatures
+        meta["rank"] = str(update.rank)
     tensors: dict[str, np.ndarray] = {}
     for lid, f in update.deltas.items():
         for part, arr in _quantize(f, quantization).items():
@@ -449,6 +455,7 @@ def decode_update(payload: bytes, max_bytes: int) -> Decoded:
     fields: dict[str, Any] = {name: _field(meta, name, typ) for name, typ in _UPDATE_FIELDS.items()}
     fields["eval_loss"] = _field({"eval_loss": "nan", **meta}, "eval_loss", float)
     members = _members(meta.get("members"))
+    rank = _field(meta, "rank", int) if "rank" in meta else 0
     quant = meta.get("quantization", "fp32")
     parts: dict[str, dict[str, np.ndarray]] = {}
     for name, arr in tensors.items():
@@ -470,7 +477,12 @@ def decode_update(payload: bytes, max_bytes: int) -> Decoded:
             raise ProtocolError(f"layer {_short(lid)}: factors {list(u.shape)} @ {list(v.shape)} do not chain")
         deltas[lid] = Factors(u=u, v=v)
     update = AdapterUpdate(
-        **fields, deltas=deltas, quantization=quant, signature=meta.get("signature", ""), members=members
+        **fields,
+        deltas=deltas,
+        quantization=quant,
+        signature=meta.get("signature", ""),
+        members=members,
+        rank=rank,
     )
     return Decoded(update=update, digest=_digest(meta, tensors))
 

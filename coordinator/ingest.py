@@ -61,6 +61,24 @@ def update_id_of(payload: bytes, max_bytes: int) -> str:
         return ""
 
 
+def trained_rank(update: protocol.AdapterUpdate, manifest: Manifest) -> int:
+    """The LoRA rank an update was trained at: its stated rank (1 ≤ k ≤ the federation's r), r if unstated.
+
+    Any k ≤ r is welcome (a device whose profile caps its rank); the strategies add deltas as
+    products s·B A, where a rank-k update means what it says (docs/decisions.md, "Heterogeneous
+    LoRA ranks"). A rank above r is refused: the global adapter could not hold what it learned.
+    """
+    r = manifest.lora.rank
+    if update.rank == 0:
+        return r
+    if not 1 <= update.rank <= r:
+        raise RejectedUpdate(
+            f"LoRA rank {update.rank} in the header; the federation's adapter has rank {r}, so expected "
+            f"1 ≤ rank ≤ {r}: cap the device's rank with max_rank = {r} (or less) in its profile"
+        )
+    return update.rank
+
+
 def validate(
     device_id: str,
     payload: bytes | protocol.Decoded,
@@ -111,13 +129,14 @@ def validate(
         missing, extra = sorted(set(expected) - got), sorted(got - set(expected))
         shown = [lid[:40] for lid in extra[:5]] + (["…"] if len(extra) > 5 else [])
         raise RejectedUpdate(f"wrong layers: missing {missing}, unexpected {shown}")
-    max_k = 2 * manifest.lora.rank
+    rank = trained_rank(update, manifest)
+    max_k = 2 * rank  # the difference of two rank-`rank` products
     for lid, f in update.deltas.items():
         out_dim, in_dim = expected[lid]
         if f.u.shape[0] != out_dim or f.v.shape[1] != in_dim or not 1 <= f.rank <= max_k:
             raise RejectedUpdate(
                 f"wrong shape for layer {lid}: got u {list(f.u.shape)} v {list(f.v.shape)}, "
-                f"expected u [{out_dim}, k] v [k, {in_dim}] with 1 ≤ k ≤ {max_k}"
+                f"expected u [{out_dim}, k] v [k, {in_dim}] with 1 ≤ k ≤ {max_k} (2 × LoRA rank {rank})"
             )
         if not (np.isfinite(f.u).all() and np.isfinite(f.v).all()):
             raise RejectedUpdate(f"non-finite values (NaN/Inf) in layer {lid}")

@@ -22,8 +22,9 @@ import numpy as np
 
 from alignfed import atomic, protocol
 from alignfed import manifest as mf
-from alignfed.adapter import compute_deltas
+from alignfed.adapter import compute_deltas, truncate
 from alignfed.errors import AlignFedError, ProtocolError, TrainingError
+from alignfed.profiles import capped_delta_rank, lora_rank
 from alignfed.text import IGNORE, Batch, Batcher, hold_out, load_texts
 from alignfed.topics import Topics
 from alignfed.transport import Transport
@@ -68,9 +69,17 @@ class EdgeDaemon:
         p = cfg.profile
         if (why := shortfall(self.manifest, p, cfg.bundle)) is not None:  # as `flash` checked it
             raise TrainingError(why)
+        r = self.manifest.lora.rank
+        self.rank = lora_rank(p, r)  # the LoRA rank this device trains at
+        if self.rank < r:
+            log.info("%s: trains at LoRA rank %d (profile %r), the bundle's is %d", cfg.device_id, self.rank, p.name, r)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(cfg.state_dir / "outbox")
-        self.uplink = Uplink(cfg.wire_quantization, cfg.delta_rank, feedback=cfg.delta_feedback)
+        self.uplink = Uplink(
+            cfg.wire_quantization,
+            capped_delta_rank(cfg.delta_rank, self.rank, self.manifest.lora.rank),
+            feedback=cfg.delta_feedback,
+        )
         self._state_file = cfg.state_dir / "state.json"
         saved = json.loads(self._state_file.read_text()) if self._state_file.exists() else {}
         self._seq = int(saved.get("seq", 0))
@@ -268,6 +277,10 @@ class EdgeDaemon:
         p = self.cfg.profile
         self.trainer.load_adapter(base.tensors)
         eval_loss = self.evaluate()  # of `base`, on data this device never trains on
+        origin = dict(base.tensors)
+        if self.rank < self.manifest.lora.rank:  # capped by the profile: train base's best rank-k part
+            origin = truncate(base.tensors, self.manifest, self.rank)
+            self.trainer.load_adapter(origin)
         start = time.monotonic()  # wall_time is the training's alone
         losses = []
         batches = iter(self.batcher)
@@ -291,8 +304,9 @@ class EdgeDaemon:
             wall_time=time.monotonic() - start,
             profile=p.name,
             created_at=time.time(),
-            deltas=self.uplink.compress(compute_deltas(trained, dict(base.tensors), self.manifest)),
+            deltas=self.uplink.compress(compute_deltas(trained, origin, self.manifest, self.rank)),
             eval_loss=eval_loss,
+            rank=self.rank,
         )
 
     def evaluate(self) -> float:

@@ -88,6 +88,12 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     f.add_argument("--batch", type=int, help="override every profile's batch size")
     f.add_argument("--seq-len", type=int, help="override every profile's training sequence length")
     f.add_argument("--lr", type=float, help="override every profile's learning rate")
+    f.add_argument(
+        "--class-ranks",
+        default="",
+        help="LoRA rank cap of each device class, slowest first, e.g. 2,2,4,8 (0 = the bundle's rank; "
+        "default: the profiles' max_rank)",
+    )
 
     s = p.add_argument_group("strategies")
     s.add_argument("--strategies", default="all", help="variants to run: all, or a comma-separated list")
@@ -217,6 +223,16 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """`--class-ranks 2,2,4` -> (2, 2, 4); every entry an integer ≥ 0."""
+    from alignfed.errors import ConfigError
+
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if not all(x.isdigit() for x in parts):
+        raise ConfigError(f"--class-ranks {text!r}; expected comma-separated integers ≥ 0, e.g. 2,2,4,8")
+    return tuple(int(x) for x in parts)
+
+
 def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
     """The testbed and experiment configs an argument namespace asks for."""
     from simulator.config import SimulationConfig
@@ -240,7 +256,13 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
     profiles = tuple(x.strip() for x in args.profiles.split(",") if x.strip())
     testbed = TestbedConfig(
         bundle=Path(args.bundle),
-        fleet=FleetConfig(devices=args.devices, classes=args.classes, profiles=profiles, overrides=overrides),
+        fleet=FleetConfig(
+            devices=args.devices,
+            classes=args.classes,
+            profiles=profiles,
+            overrides=overrides,
+            class_ranks=parse_ranks(args.class_ranks),
+        ),
         partition=PartitionConfig(kind=args.partition, alpha=args.alpha),
         data=tuple(parse_spec(spec) for spec in args.data),
         eval_examples=args.eval_examples,

@@ -5,7 +5,8 @@ sorted by `step_speed`, spread evenly from the slowest to the fastest, so K ≥ 
 speed range of the candidates (the shipped profiles span 10×: Raspberry Pi 4 at 0.1 to an x86
 laptop at 1.0). Device i belongs to class i mod K. `overrides` replace profile fields for every
 class (e.g. a shorter `seq_len` or fewer `local_steps` to bound the cost of a simulation); they
-are validated like a profile file.
+are validated like a profile file. `class_ranks` caps the LoRA rank class by class (a mixed-rank
+fleet: slow boards at a low rank, fast ones at the bundle's).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class FleetConfig:
     classes: int = 4
     profiles: tuple[str, ...] = ()  # profile names or .toml paths; () = every firmware profile
     overrides: Mapping[str, Any] = field(default_factory=dict)  # profile field -> value, for every class
+    # LoRA rank cap (`max_rank`) of each class, slowest first; () keeps the profiles' own (a mixed-rank fleet)
+    class_ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -34,6 +37,11 @@ class FleetConfig:
             raise ConfigError(f"fleet: classes must be ≥ 1, got {self.classes}")
         if self.classes > self.devices:
             raise ConfigError(f"fleet: {self.classes} classes need at least as many devices, got {self.devices}")
+        if self.class_ranks and len(self.class_ranks) != self.classes:
+            raise ConfigError(
+                f"fleet: {len(self.class_ranks)} class ranks {list(self.class_ranks)} for {self.classes} classes; "
+                "expected one per class (0 = the bundle's rank)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +75,8 @@ def build_fleet(cfg: FleetConfig) -> list[SimDevice]:
     if not names:
         raise ConfigError("fleet: no device profiles found; pass profile files explicitly")
     classes = [apply_overrides(p, cfg.overrides) for p in speed_classes([load_profile(n) for n in names], cfg.classes)]
+    if cfg.class_ranks:
+        classes = [apply_overrides(p, {"max_rank": k}) for p, k in zip(classes, cfg.class_ranks, strict=True)]
     return [
         SimDevice(device_id=f"dev-{i:02d}", index=i, profile=classes[i % len(classes)], device_class=i % len(classes))
         for i in range(cfg.devices)

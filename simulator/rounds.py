@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from alignfed import protocol
-from alignfed.adapter import compute_deltas
+from alignfed.adapter import compute_deltas, truncate
+from alignfed.profiles import DeviceProfile, capped_delta_rank, lora_rank
 from alignfed.text import Batch
 from coordinator.strategies.base import AdapterState
 from edge.adamw import Moments
@@ -109,7 +110,11 @@ class Rounds:
                 batch_rng=np.random.default_rng([config.seed, d.index, 1]),
                 avail_rng=np.random.default_rng([config.seed, d.index, 2]),
                 key=hashlib.sha256(f"alignfed-sim:{d.device_id}".encode()).digest(),
-                uplink=Uplink(config.wire_quantization, config.delta_rank, feedback=config.delta_feedback),
+                uplink=Uplink(
+                    config.wire_quantization,
+                    capped_delta_rank(config.delta_rank, self._rank(d.profile), testbed.manifest.lora.rank),
+                    feedback=config.delta_feedback,
+                ),
                 moments=testbed.trainer.fresh_moments() if config.optimizer == "device" else None,
                 attack=self.byzantine.get(d.device_id),
             )
@@ -198,7 +203,10 @@ class Rounds:
         started, self.started = self.started, []
         jobs = [
             TrainJob(
-                r.base.tensors, r.batches, self.devices[r.device].device.profile.lr, self.devices[r.device].moments
+                self._origin(self.devices[r.device], r.base),
+                r.batches,
+                self.devices[r.device].device.profile.lr,
+                self.devices[r.device].moments,
             )
             for r in started
         ]
@@ -216,7 +224,8 @@ class Rounds:
         """The update a trained round sends, and its signed payload (hostile if the device is)."""
         p = dev.device.profile
         base, batches, now, train_s = r.base, r.batches, r.start, r.train_s
-        exact = compute_deltas(tensors, dict(base.tensors), self.tb.manifest)
+        rank = self._rank(p)
+        exact = compute_deltas(tensors, self._origin(dev, base), self.tb.manifest, rank)
         if dev.attack is not None:  # hostile, then compressed and signed like any update
             exact = attacks.corrupt(exact, dev.attack, dev.batch_rng)
         deltas = dev.uplink.compress(exact)
@@ -233,8 +242,18 @@ class Rounds:
             profile=p.name,
             created_at=now + train_s,
             deltas=deltas,
+            rank=rank,  # stated, as the daemon states it
         )
         return update, protocol.encode_update(update, dev.key, self.cfg.wire_quantization, self.cfg.wire_codec)
+
+    def _rank(self, profile: DeviceProfile) -> int:
+        """The LoRA rank a device of this profile trains at (its `max_rank`, at most the bundle's)."""
+        return lora_rank(profile, self.tb.manifest.lora.rank)
+
+    def _origin(self, dev: DeviceState, base: AdapterState) -> Mapping[str, np.ndarray]:
+        """What a device trains from: the global adapter, truncated to the device's rank if capped."""
+        rank = self._rank(dev.device.profile)
+        return base.tensors if rank >= self.tb.manifest.lora.rank else truncate(base.tensors, self.tb.manifest, rank)
 
     def batches(self, dev: DeviceState, steps: int) -> Iterator[Batch]:
         """Random batches of the device's examples, from its own seeded stream (as alignfed.text.Batcher)."""

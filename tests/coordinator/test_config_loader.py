@@ -135,6 +135,8 @@ def test_device_toml_fields_are_typed(tmp_path: Path, extra: dict, message: str)
         ({"lr": True}, r"p.toml: lr = True; expected a number$"),
         ({"threds": 4}, r"p.toml: unknown field threds; expected one of accelerator, arch, availability, batch"),
         ({"threads": 0}, r"p.toml: threads = 0; expected 1 ≤ value ≤ 256"),
+        ({"max_rank": "4"}, r"p.toml: max_rank = '4'; expected an integer$"),
+        ({"max_rank": -1}, r"p.toml: max_rank = -1; expected 0 ≤ value ≤ 4096"),
     ],
 )
 def test_profile_fields_are_typed(tmp_path: Path, override: dict, message: str) -> None:
@@ -172,3 +174,15 @@ def test_a_dataclass_option_is_a_sub_table(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(ConfigError, match=r"\[strategy\].robust = \{'clip_norm': 'x'\}; expected a table of clip_norm "
                        r"\(a number\), method \(one of 'none', 'median', 'trimmed_mean'\)"):  # fmt: skip
         ccfg.load(coordinator_toml(tmp_path, strategy=bad))
+
+
+def test_a_profile_caps_the_lora_rank(tmp_path: Path) -> None:
+    from alignfed.profiles import capped_delta_rank, lora_rank
+
+    assert load_profile(fast_profile(tmp_path / "p.toml")).max_rank == 0  # no cap unless asked
+    capped = load_profile(fast_profile(tmp_path / "c.toml", max_rank=2))
+    assert [lora_rank(capped, r) for r in (8, 2, 1)] == [2, 2, 1]  # never above the bundle's rank
+    assert lora_rank(load_profile(fast_profile(tmp_path / "p.toml")), 8) == 8
+    # the uplink of a rank-k device sends at most 2k directions; an uncapped one what it was told
+    assert [capped_delta_rank(d, 2, 8) for d in (0, 2, 8)] == [4, 2, 4]
+    assert [capped_delta_rank(d, 8, 8) for d in (0, 2, 8)] == [0, 2, 8]

@@ -150,3 +150,31 @@ def test_deflated_payloads_inflate_at_most_to_the_bundles_largest_update() -> No
 def test_eval_loss_must_be_a_loss() -> None:
     assert "eval_loss is -1.0; expected a loss ≥ 0" in reason(protocol.encode_update(make_update(eval_loss=-1.0), KEY))
     assert check(protocol.encode_update(make_update(eval_loss=math.inf), KEY)).eval_loss == math.inf  # diverged
+
+
+def _narrow(width: int) -> dict[str, Factors]:
+    """Deltas of factor width `width` (a rank-k device sends at most 2k)."""
+    return {lid: Factors(u=f.u[:, :width].copy(), v=f.v[:width].copy()) for lid, f in make_update().deltas.items()}
+
+
+def test_ranks_up_to_the_federations_are_accepted() -> None:
+    """The federation's rank is 2: a device capped at 1 (factors ≤ 2 wide) and one at 2 both pass."""
+    capped = check(protocol.encode_update(make_update(rank=1, deltas=_narrow(2)), KEY))
+    assert capped.rank == 1 and {f.rank for f in capped.deltas.values()} == {2}
+    assert check(protocol.encode_update(make_update(rank=2), KEY)).rank == 2
+    assert check(protocol.encode_update(make_update(), KEY)).rank == 0  # unstated: the bundle's rank
+
+
+def test_a_rank_above_the_federations_is_refused() -> None:
+    r = reason(protocol.encode_update(make_update(rank=3), KEY))
+    assert r == (
+        "LoRA rank 3 in the header; the federation's adapter has rank 2, so expected 1 ≤ rank ≤ 2: "
+        "cap the device's rank with max_rank = 2 (or less) in its profile"
+    )
+    assert "expected 1 ≤ rank ≤ 2" in reason(protocol.encode_update(make_update(rank=-1), KEY))
+
+
+def test_a_capped_update_may_not_send_wider_factors_than_its_rank_allows() -> None:
+    """Rank 1 means a delta of rank ≤ 2: four columns cannot come from it."""
+    r = reason(protocol.encode_update(make_update(rank=1), KEY))
+    assert "wrong shape for layer 0.q" in r and "1 ≤ k ≤ 2 (2 × LoRA rank 1)" in r

@@ -49,6 +49,18 @@ def test_golden_bytes() -> None:
     assert n % 8 == 0
 
 
+def test_the_stated_rank_is_signed_and_checked() -> None:
+    """A device's LoRA rank travels in the header (absent when unstated, so the golden bytes hold)."""
+    stated = dataclasses.replace(golden_update(), rank=2)
+    decoded = protocol.decode_update(protocol.encode_update(stated, KEY), max_bytes=1 << 20)
+    assert decoded.update.rank == 2 and decoded.verify(KEY)
+    tensors, meta = protocol.unpack(protocol.encode_update(stated, KEY), 1 << 20)
+    forged = protocol.decode_update(protocol.pack(tensors, {**meta, "rank": "1"}), max_bytes=1 << 20)
+    assert forged.update.rank == 1 and not forged.verify(KEY)  # the signature covers the rank
+    with pytest.raises(ProtocolError, match="header field 'rank'='two' is not a int"):
+        protocol.decode_update(protocol.pack(tensors, {**meta, "rank": "two"}), max_bytes=1 << 20)
+
+
 def test_interoperates_with_safetensors() -> None:
     tensors = st_load(protocol.encode_update(golden_update(), KEY))
     np.testing.assert_array_equal(tensors["delta.0.q.u"], golden_update().deltas["0.q"].u)
@@ -83,6 +95,7 @@ def updates(draw: st.DrawFn) -> protocol.AdapterUpdate:
         created_at=draw(finite),
         deltas=deltas,
         eval_loss=draw(st.one_of(st.just(float("nan")), st.just(float("inf")), finite)),
+        rank=draw(st.integers(0, 64)),  # 0: not stated
     )
 
 
@@ -92,7 +105,17 @@ def test_update_round_trip(update: protocol.AdapterUpdate, quant: str, codec: st
     decoded = protocol.decode_update(protocol.encode_update(update, KEY, quant, codec), max_bytes=1 << 24)
     got = decoded.update
     assert decoded.verify(KEY) and not decoded.verify(b"other key")
-    for name in ("device_id", "update_id", "seq", "base_version", "bundle", "samples", "local_steps", "profile"):
+    for name in (
+        "device_id",
+        "update_id",
+        "seq",
+        "base_version",
+        "bundle",
+        "samples",
+        "local_steps",
+        "profile",
+        "rank",
+    ):
         assert getattr(got, name) == getattr(update, name)
     for name in ("train_loss", "wall_time", "created_at"):
         assert getattr(got, name) == getattr(update, name)

@@ -110,9 +110,12 @@ def test_robust_options_hold_eval_loss_near_the_clean_run(five: Testbed) -> None
         f"\nbyzantine 20 % scale×10, late mean eval loss: clean {clean:.4f}, fedbuff {attacked:.4f} "
         f"({attacked / clean - 1:+.1%}), " + ", ".join(f"{n} {robust[n]:.4f} ({g:+.1%})" for n, g in gaps.items())
     )
-    assert attacked > clean * 1.05  # the attack does damage without a robust option
+    # the attack does damage without a robust option (+4.5 % to +5.5 % as message sizes, and so the
+    # virtual arrival order, changed with the protocol's fields); each option undoes most of it
+    damage = attacked / clean - 1
+    assert damage > 0.03
     for name, gap in gaps.items():
-        assert gap < 0.05, f"{name}: {gap:+.1%} off the clean run"
+        assert gap < min(0.05, damage), f"{name}: {gap:+.1%} off the clean run (attack: {damage:+.1%})"
 
 
 def test_the_ingest_norm_bound_refuses_only_the_hostile_devices_scaled_updates(five: Testbed) -> None:
