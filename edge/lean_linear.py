@@ -69,11 +69,17 @@ class Int8Rows:
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> Int8Rows:
-        """Per-row symmetric int8 of w (V, H) float32; an all-zero row gets scale 1 (it stays zero)."""
-        peak = w.abs().amax(dim=1)  # (V,)
-        scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scale.to(torch.float32).contiguous())
+        """Per-row symmetric int8 of w (V, H) float32; an all-zero row gets scale 1 (it stays zero).
+        BLOCK rows at a time, so the float temporaries are a block's, not a second table's."""
+        q = torch.empty(w.shape, dtype=torch.int8)
+        scale = torch.empty(w.shape[0], dtype=torch.float32)
+        for s in range(0, w.shape[0], cls.BLOCK):
+            block = w[s : s + cls.BLOCK].to(torch.float32)  # (b, H); w itself is left as it was
+            peak = block.abs().amax(dim=1)  # (b,)
+            step = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+            q[s : s + cls.BLOCK] = (block / step[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+            scale[s : s + cls.BLOCK] = step
+        return cls(q, scale)
 
     @property
     def shape(self) -> tuple[int, int]:
