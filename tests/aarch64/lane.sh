@@ -8,8 +8,10 @@
 # The root, the device's venv and the prepared bundles are cached in ALIGNFED_AARCH64_CACHE
 # (~/.cache/alignfed-aarch64), so a rerun only re-installs the package and reruns the checks.
 #
-# Environment: AARCH64_CPUS (default "cortex-a72 cortex-a76 neoverse-n1 max"; qemu 7.2 has no
-# cortex-a78ae, neoverse-n1 is the nearest: the same v8.2 feature set), ALIGNFED_LANE_SERVING=1 to
+# Environment: AARCH64_CPUS (default "cortex-a72 cortex-a76 cortex-a78ae max": a Pi 4, a Pi 5, a
+# Jetson Orin, qemu's default; Debian bookworm's qemu 7.2 has no cortex-a78ae, so tests/aarch64/qemu.sh
+# fetches Debian testing's static qemu-aarch64 for that model and the lane routes aarch64 executables
+# to it while that model runs), ALIGNFED_LANE_SERVING=1 to
 # also compile llama-cpp-python under emulation (slow, measured in docs/devices.md), PYTHON (native).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,7 +19,7 @@ REPO=$PWD
 CACHE=${ALIGNFED_AARCH64_CACHE:-$HOME/.cache/alignfed-aarch64}
 export ALIGNFED_AARCH64_ROOT=${ALIGNFED_AARCH64_ROOT:-$CACHE/rootfs}
 ROOT=$ALIGNFED_AARCH64_ROOT
-CPUS=${AARCH64_CPUS:-cortex-a72 cortex-a76 neoverse-n1 max}
+CPUS=${AARCH64_CPUS:-cortex-a72 cortex-a76 cortex-a78ae max}
 PYTHON=${PYTHON:-$REPO/${VENV:-.venv}/bin/python}
 SRC=/opt/alignfed-src     # in the root
 WORK=/opt/alignfed-work   # in the root: prepared bundles, federation runs
@@ -35,6 +37,7 @@ midr() {
     case "$1" in
         cortex-a57) echo 0x00000000411fd070 ;; cortex-a72) echo 0x00000000410fd083 ;;
         cortex-a76) echo 0x00000000414fd0b1 ;; neoverse-n1) echo 0x00000000414fd0c1 ;;
+        cortex-a78ae) echo 0x00000000410fd423 ;;
         cortex-a710) echo 0x00000000412fd470 ;; neoverse-v1) echo 0x00000000411fd400 ;;
         *) echo 0x00000000000f0510 ;;  # qemu's max / a64fx: any valid MIDR will do
     esac
@@ -51,7 +54,22 @@ fake_sys() {
 }
 mountpoint -q "$ROOT/proc" || $SUDO mount -t proc proc "$ROOT/proc"
 mountpoint -q "$ROOT/dev" || $SUDO mount --bind /dev "$ROOT/dev"
-trap '$SUDO umount "$ROOT/proc" "$ROOT/dev" 2>/dev/null || true' EXIT
+# Which qemu runs aarch64 executables: binfmt_misc's entry for the system's qemu, or, for a model it
+# lacks, an entry of the lane's own for the fetched one ('F': opened now, so it works in the chroot).
+BINFMT=/proc/sys/fs/binfmt_misc
+SYSTEM_QEMU=$(command -v qemu-aarch64-static)
+use_qemu() {
+    [ -e $BINFMT/alignfed-aarch64 ] && echo -1 | $SUDO tee $BINFMT/alignfed-aarch64 >/dev/null
+    if [ "$1" = "$SYSTEM_QEMU" ]; then
+        echo 1 | $SUDO tee $BINFMT/qemu-aarch64 >/dev/null
+        return
+    fi
+    echo 0 | $SUDO tee $BINFMT/qemu-aarch64 >/dev/null
+    local magic='\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00'
+    local mask='\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff'
+    printf ':alignfed-aarch64:M::%s:%s:%s:F' "$magic" "$mask" "$1" | $SUDO tee $BINFMT/register >/dev/null
+}
+trap 'use_qemu "$SYSTEM_QEMU"; $SUDO umount "$ROOT/proc" "$ROOT/dev" 2>/dev/null || true' EXIT
 $SUDO cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 # Behind a TLS-intercepting proxy the host trusts an extra CA: the root's pip must trust it too.
 ca_env=()
@@ -110,6 +128,9 @@ summary=""
 for cpu in $CPUS; do
     fake_sys "$cpu"
     qcpu=$cpu; [ "$cpu" = max ] && qcpu=""  # qemu's default model is max
+    qemu=$(bash tests/aarch64/qemu.sh "$cpu")
+    use_qemu "$qemu"
+    say "QEMU_CPU=${cpu}: $qemu ($("$qemu" --version | head -1))"
     t0=$(date +%s)
     say "QEMU_CPU=${cpu}: torch-backend tests"
     rc=0
