@@ -104,25 +104,19 @@ class TorchNetwork:
         if device == "cuda":  # fp32 matmuls, not TF32, so CUDA results stay comparable to the CPU's
             torch.backends.cuda.matmul.allow_tf32 = False
         self.lean, self.checkpoint, self.loss_chunk = lean, checkpoint, loss_chunk
+        if embedding not in ("fp32", "int8"):
+            raise TrainingError(f"embedding must be 'fp32' or 'int8', got {embedding!r}")
+        if embedding == "int8" and not lean:  # the lean loader quantizes the tables as it reads them
+            raise TrainingError("embedding = 'int8' needs the lean trainer (CPU, fp32 compute)")
         if lean:
             from edge.lean_linear import lean_base
 
-            w: dict[str, Any] = lean_base(Path(bundle) / mf.CALIB_MODEL)
+            w: dict[str, Any] = lean_base(Path(bundle) / mf.CALIB_MODEL, embedding=embedding)
         else:
             w = {k: self._place(torch.from_numpy(v)) for k, v in base_weights(bundle).items()}
         missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in w]
         if missing:
             raise BundleError(f"{bundle}: calibration model lacks base tensors {missing}")
-        if embedding not in ("fp32", "int8"):
-            raise TrainingError(f"embedding must be 'fp32' or 'int8', got {embedding!r}")
-        if embedding == "int8":
-            if not lean:
-                raise TrainingError("embedding = 'int8' needs the lean trainer (CPU, fp32 compute)")
-            from edge.lean_linear import Int8Rows
-
-            for name in ("model.embed_tokens.weight", "lm_head.weight"):
-                if name in w:
-                    w[name] = Int8Rows.quantize(w[name])  # the float32 table is dropped here
         self.w = w
         self.rope = {  # RoPE base -> cos, sin (S, rotary_dim)
             theta: tuple(torch.from_numpy(x).to(device) for x in rope_table(theta, self.traits.rotary_dim, a.max_seq))
