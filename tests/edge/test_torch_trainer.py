@@ -14,6 +14,7 @@ import os
 import platform
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -26,11 +27,14 @@ from edge.accelerator import Placement, choose
 from edge.selfcheck import check_matmul
 from edge.torch_trainer import TorchTrainer
 
+if TYPE_CHECKING:  # as in export_case, export is imported only where a bundle is exported
+    from export.onnx_graph import Quantization
+
 LR = 0.01
 # The families the export traces (Qwen3's q/k norms; Gemma 3's norms, scales, logit soft-capping and
 # a sliding window shorter than the batch; Phi-3's fused projections), each as an int8 bundle (its
 # "fp32" mode dequantizes, "lean" keeps int8) and Gemma 3 / Phi-3 as fp32 ones too.
-PARAMS = [
+PARAMS: list[tuple[str, Quantization]] = [
     ("llama", "fp32"),
     ("llama", "int8"),
     ("qwen2", "fp32"),
@@ -56,7 +60,7 @@ def _batches(vocab: int, n: int, seed: int = 0) -> list[Batch]:
     return out
 
 
-def export_case(family: str, quant: str, work: Path) -> Path:
+def export_case(family: str, quant: Quantization, work: Path) -> Path:
     """Export the tiny bundle of one case into `work`/bundle (needs the export extra and ORT training)."""
     from export.bundle import export_bundle
     from export.synthetic import TINY_CONFIGS, write_tiny_model

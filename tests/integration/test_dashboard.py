@@ -76,7 +76,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator
     def up() -> bool:
         try:
             with urllib.request.urlopen(r.url + "api/state", timeout=2) as resp:
-                return resp.status == 200
+                status: int = resp.status  # urlopen is typed as returning Any
+                return status == 200
         except OSError:
             return False
 

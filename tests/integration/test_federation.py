@@ -16,7 +16,7 @@ from alignfed.lowrank import Factors
 from alignfed.manifest import bundle_digest
 from alignfed.manifest import load as load_manifest
 from alignfed.topics import Topics
-from alignfed.transport import BrokerConfig, Transport
+from alignfed.transport import BrokerConfig, Message, Transport
 from coordinator.store import Store
 from demo.local import DeviceSpec, lay_out
 from tests.support.broker import Mosquitto
@@ -43,7 +43,7 @@ def test_three_devices_federate(tmp_path: Path, broker: Mosquitto, tiny_bundle: 
         fast_profile(tmp_path / "fast.toml"),
         fast_profile(tmp_path / "torch.toml", name="test-torch", trainer="torch"),  # the aarch64 backend
     ]
-    wires = [  # every wire format, and a truncated delta with device-side error feedback
+    wires: list[dict[str, object]] = [  # every wire format, and a truncated delta with device-side error feedback
         {"wire_quantization": "int8"},
         {"wire_quantization": "int8c", "delta_rank": 2},
         {"wire_quantization": "fp32", "wire_codec": "none"},
@@ -205,8 +205,8 @@ def test_malformed_update_gets_reject_ack_and_service_continues(
     assert store.stats()["dev-1"]["aggregated"] == 1
 
 
-def drain(t: Transport) -> list[object]:
-    out = []
+def drain(t: Transport) -> list[Message]:
+    out: list[Message] = []
     while (m := t.get(timeout=0.2)) is not None:
         out.append(m)
     return out

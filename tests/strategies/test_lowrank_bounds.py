@@ -19,7 +19,8 @@ def _matrix(seed: int, out_dim: int, in_dim: int, decay: float) -> np.ndarray:
     u, _ = np.linalg.qr(rng.normal(size=(out_dim, p)))  # (out, p)
     v, _ = np.linalg.qr(rng.normal(size=(in_dim, p)))  # (in, p)
     s = np.exp(-decay * np.arange(p))
-    return (u * s) @ v.T
+    m: np.ndarray = (u * s) @ v.T  # (out, in)
+    return m
 
 
 def _tail(m: np.ndarray, k: int) -> float:
