@@ -43,7 +43,7 @@ def main(out: Path) -> None:
     for family, quant in PARAMS:
         work = out / f"{family}-{quant}"
         bundle = export_case(family, quant, work)
-        np.savez(work / REFERENCE, **ort_trajectory(bundle))
+        np.savez(work / REFERENCE, allow_pickle=False, **ort_trajectory(bundle))
         print(f"== {bundle} + ORT reference")
     fed = out / "federation"
     model = write_tiny_llama(fed / "model")

@@ -43,7 +43,9 @@ def coordinator_toml(tmp_path: Path, **tables: object) -> Path:
         ({"name": "fedbufff"}, r"\[strategy\].name = 'fedbufff'; expected one of fedavg, fedasync, fedbuff"),
     ],
 )
-def test_strategy_options_are_typed_from_the_strategy_signature(tmp_path: Path, strategy: dict, message: str) -> None:
+def test_strategy_options_are_typed_from_the_strategy_signature(
+    tmp_path: Path, strategy: dict[str, object], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         ccfg.load(coordinator_toml(tmp_path, strategy=strategy))
 
@@ -62,13 +64,14 @@ def test_an_option_a_strategy_gains_later_is_accepted_without_touching_the_loade
 
         def __init__(self, k: int, clip_norm: float | None = None, robust: Literal["none", "median"] = "none") -> None:
             super().__init__(k)
-            self.clip_norm, self.robust = clip_norm, robust
+            # FedBuff's own `robust` is its combiner: this option is kept under another name.
+            self.clip_norm, self.robust_method = clip_norm, robust
 
     import sys
     import types
 
     module = types.ModuleType("clipped_strategy")
-    module.Clipped = Clipped  # type: ignore[attr-defined]
+    monkeypatch.setattr(module, "Clipped", Clipped, raising=False)
     monkeypatch.setitem(sys.modules, "clipped_strategy", module)
     monkeypatch.setitem(strategies.REGISTRY, "clipped", ("clipped_strategy", "Clipped"))
     monkeypatch.setattr(strategies, "NAMES", (*strategies.NAMES, "clipped"))
@@ -106,7 +109,7 @@ def test_a_required_strategy_option_is_demanded_when_the_coordinator_starts(tmp_
         ({"calibration": {"file": "c.jsonl"}}, r"unknown field \[calibration\].file; expected one of data, tokens$"),
     ],
 )
-def test_coordinator_toml_fields_are_typed(tmp_path: Path, tables: dict, message: str) -> None:
+def test_coordinator_toml_fields_are_typed(tmp_path: Path, tables: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ccfg.load(coordinator_toml(tmp_path, **tables))
 
@@ -123,7 +126,7 @@ def test_coordinator_toml_fields_are_typed(tmp_path: Path, tables: dict, message
         ({"seed": -1}, r"device.toml: seed = -1; expected a value ≥ 0$"),
     ],
 )
-def test_device_toml_fields_are_typed(tmp_path: Path, extra: dict, message: str) -> None:
+def test_device_toml_fields_are_typed(tmp_path: Path, extra: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ecfg.load(device_toml(tmp_path, **extra))
 
@@ -139,7 +142,7 @@ def test_device_toml_fields_are_typed(tmp_path: Path, extra: dict, message: str)
         ({"max_rank": -1}, r"p.toml: max_rank = -1; expected 0 ≤ value ≤ 4096"),
     ],
 )
-def test_profile_fields_are_typed(tmp_path: Path, override: dict, message: str) -> None:
+def test_profile_fields_are_typed(tmp_path: Path, override: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_profile(fast_profile(tmp_path / "p.toml", **override))
 
@@ -156,20 +159,21 @@ def test_a_dataclass_option_is_a_sub_table(tmp_path: Path, monkeypatch: pytest.M
     class WithRobust(FedBuff):
         def __init__(self, k: int, robust: Robust | None = None) -> None:
             super().__init__(k)
-            self.robust = robust
+            self.robust_options = robust  # FedBuff's own `robust` is its combiner
 
     import sys
     import types
 
     module = types.ModuleType("robust_strategy")
-    module.WithRobust = WithRobust  # type: ignore[attr-defined]
+    monkeypatch.setattr(module, "WithRobust", WithRobust, raising=False)
     monkeypatch.setitem(sys.modules, "robust_strategy", module)
     monkeypatch.setitem(strategies.REGISTRY, "robust", ("robust_strategy", "WithRobust"))
     monkeypatch.setattr(strategies, "NAMES", (*strategies.NAMES, "robust"))
     good = {"name": "robust", "k": 2, "robust": {"clip_norm": 3, "method": "median"}}
     cfg = ccfg.load(coordinator_toml(tmp_path, strategy=good))
     assert cfg.strategy_options == {"k": 2, "robust": Robust(clip_norm=3.0, method="median")}
-    assert strategies.build("robust", **cfg.strategy_options).robust == Robust(3.0, "median")  # type: ignore[attr-defined]
+    built = strategies.build("robust", **cfg.strategy_options)
+    assert isinstance(built, WithRobust) and built.robust_options == Robust(3.0, "median")
     bad = {"name": "robust", "k": 2, "robust": {"clip_norm": "x"}}
     with pytest.raises(ConfigError, match=r"\[strategy\].robust = \{'clip_norm': 'x'\}; expected a table of clip_norm "
                        r"\(a number\), method \(one of 'none', 'median', 'trimmed_mean'\)"):  # fmt: skip

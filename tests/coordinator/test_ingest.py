@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import TypedDict, Unpack
 
 import numpy as np
 import pytest
@@ -54,9 +55,17 @@ def test_valid_update_passes() -> None:
     assert got.update_id == "u1" and set(got.deltas) == {"0.q", "0.v", "1.q", "1.v"}
 
 
-def reason(payload: bytes, **kw: object) -> str:
+class CheckOptions(TypedDict, total=False):
+    """check's keyword arguments, for helpers that pass them on."""
+
+    device: str
+    current: int
+    limits: IngestLimits
+
+
+def reason(payload: bytes, **kw: Unpack[CheckOptions]) -> str:
     with pytest.raises(RejectedUpdate) as exc:
-        check(payload, **kw)  # type: ignore[arg-type]
+        check(payload, **kw)
     return exc.value.reason
 
 

@@ -120,7 +120,8 @@ def test_quarantine_and_device_removal_work_on_postgres_too(postgres_url: str) -
     (row,) = store.quarantined()
     assert (row["device_id"], row["update_id"]) == ("dev-1", "u1")
     assert row["reason"] == "quarantined: aggregation failed 3 times"
-    assert store.lookup("dev-1", "u1").status == "quarantined"  # type: ignore[union-attr]
+    looked_up = store.lookup("dev-1", "u1")
+    assert looked_up is not None and looked_up.status == "quarantined"
     assert store.remove_device("dev-1") and not store.remove_device("dev-1")
     assert store.device_key("dev-1") is None
     store.close()

@@ -17,6 +17,7 @@ from alignfed.manifest import bundle_digest
 from alignfed.manifest import load as load_manifest
 from coordinator import config as ccfg
 from coordinator.service import Coordinator
+from coordinator.strategies.alignfed import AlignFed
 
 KEY = bytes(range(32))
 
@@ -153,7 +154,8 @@ def test_fairness_history_survives_a_restart(tmp_path: Path, tiny_bundle: Path) 
     tomlfile.write(path, doc)
     restarted = Coordinator(ccfg.load(path))
     assert restarted.current.version == 3
-    assert restarted.strategy.participation() == ["dev-1"] * 3  # type: ignore[attr-defined]
+    assert isinstance(restarted.strategy, AlignFed)
+    assert restarted.strategy.participation() == ["dev-1"] * 3
 
 
 def test_hostile_payloads_get_a_malformed_reject_not_an_internal_error(

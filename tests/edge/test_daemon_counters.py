@@ -61,11 +61,18 @@ def test_acks_after_a_restart_never_exceed_publishes(
     third.transport.stop()
 
 
-def test_device_status_goes_at_the_qos_of_its_last_will(tmp_path: Path, tiny_bundle: Path) -> None:
+def test_device_status_goes_at_the_qos_of_its_last_will(
+    tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 10, defect 7: the will on devices/{id}/status is QoS 1, retained; so is every status message."""
     d = daemon(tmp_path, tiny_bundle)
     calls: list[dict[str, object]] = []
-    d.transport.publish = lambda topic, payload, **kw: calls.append(kw) or True  # type: ignore[method-assign]
+
+    def publish(topic: str, payload: bytes, **kw: object) -> bool:
+        calls.append(kw)
+        return True
+
+    monkeypatch.setattr(d.transport, "publish", publish)
     d._status("idle")
     assert [(c["qos"], c["retain"]) for c in calls] == [protocol.DELIVERY["devices/{id}/status"]] == [(1, True)]
     d.transport.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,9 @@ from edge.memory_fit import training_memory_mb
 SLACK_MB = {"torch": 300.0, "ort": 100.0}
 
 # SmolLM2-135M's published shape: 30 layers, hidden 576, 9 heads of 64 (3 KV), intermediate 1536.
-SMOLLM2 = dict(n_layers=30, hidden=576, intermediate=1536, n_heads=9, n_kv_heads=3, vocab=49152, attn_head_dim=64)
+SMOLLM2: dict[str, Any] = dict(
+    n_layers=30, hidden=576, intermediate=1536, n_heads=9, n_kv_heads=3, vocab=49152, attn_head_dim=64
+)
 SMOLLM2_PROJECTION_PARAMS = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)  # q, o; k, v; gate, up, down
 
 
@@ -40,7 +43,7 @@ def test_each_backend_sizes_an_int8_base_as_it_holds_it(tiny_bundle: Path) -> No
     Runtime holds the int8 base and the float32 copies of the projections it dequantizes, so an int8
     bundle costs it one byte a projection parameter more than an fp32 one."""
     m = mf.load(tiny_bundle)
-    arch = replace(m.architecture, **SMOLLM2)  # type: ignore[arg-type]
+    arch = replace(m.architecture, **SMOLLM2)
     fp32 = replace(m, architecture=arch, train_quantization="fp32")
     int8 = replace(m, architecture=arch, train_quantization="int8")
     mb = SMOLLM2_PROJECTION_PARAMS / 2**20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,11 +15,11 @@ from alignfed.profiles import host_arch, load_profile, parse_profile
 from edge.memory_fit import activation_bytes, check_fits, training_memory_mb, weight_bytes
 
 # Llama-3.2-1B's published shape (config.json), q/v LoRA rank 8 as benchmarks/lean_shapes.py exports it.
-LLAMA_1B = dict(n_layers=16, hidden=2048, intermediate=8192, n_heads=32, n_kv_heads=8, vocab=128256)
+LLAMA_1B: dict[str, Any] = dict(n_layers=16, hidden=2048, intermediate=8192, n_heads=32, n_kv_heads=8, vocab=128256)
 
 
 def _as_1b(m: mf.Manifest) -> mf.Manifest:
-    arch = dataclasses.replace(m.architecture, tie_embeddings=True, **LLAMA_1B)  # type: ignore[arg-type]
+    arch = dataclasses.replace(m.architecture, tie_embeddings=True, **LLAMA_1B)
     return dataclasses.replace(m, architecture=arch, train_quantization="int8")
 
 

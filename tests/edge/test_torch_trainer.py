@@ -14,6 +14,7 @@ import os
 import platform
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -26,11 +27,14 @@ from edge.accelerator import Placement, choose
 from edge.selfcheck import check_matmul
 from edge.torch_trainer import TorchTrainer
 
+if TYPE_CHECKING:  # as in export_case, export is imported only where a bundle is exported
+    from export.onnx_graph import Quantization
+
 LR = 0.01
 # The families the export traces (Qwen3's q/k norms; Gemma 3's norms, scales, logit soft-capping and
 # a sliding window shorter than the batch; Phi-3's fused projections), each as an int8 bundle (its
 # "fp32" mode dequantizes, "lean" keeps int8) and Gemma 3 / Phi-3 as fp32 ones too.
-PARAMS = [
+PARAMS: list[tuple[str, Quantization]] = [
     ("llama", "fp32"),
     ("llama", "int8"),
     ("qwen2", "fp32"),
@@ -56,7 +60,7 @@ def _batches(vocab: int, n: int, seed: int = 0) -> list[Batch]:
     return out
 
 
-def export_case(family: str, quant: str, work: Path) -> Path:
+def export_case(family: str, quant: Quantization, work: Path) -> Path:
     """Export the tiny bundle of one case into `work`/bundle (needs the export extra and ORT training)."""
     from export.bundle import export_bundle
     from export.synthetic import TINY_CONFIGS, write_tiny_model
@@ -71,7 +75,11 @@ def export_case(family: str, quant: str, work: Path) -> Path:
 
 # The fp32 reference path; the lean one (int8 kept int8, chunked loss); lean with every decoder layer
 # recomputed in backward and a loss chunk (7 rows) that splits the 30 scored tokens unevenly.
-MODES = {"fp32": {"lean": False}, "lean": {"lean": True}, "lean-ckpt": {"checkpoint": True, "loss_chunk": 7}}
+MODES: dict[str, dict[str, Any]] = {
+    "fp32": {"lean": False},
+    "lean": {"lean": True},
+    "lean-ckpt": {"checkpoint": True, "loss_chunk": 7},
+}
 
 
 def start_adapter(start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -137,7 +145,7 @@ def _reference(bundle: Path) -> dict[str, np.ndarray]:
 def test_same_losses_and_adapter_as_ort(bundle: Path, mode: str) -> None:
     want = _reference(bundle)
     m = mf.load(bundle)
-    torch_ = TorchTrainer(bundle, m, lr=LR, threads=1, **MODES[mode])  # type: ignore[arg-type]
+    torch_ = TorchTrainer(bundle, m, lr=LR, threads=1, **MODES[mode])
     for name, t in torch_.adapter().items():  # both start from the bundle's initial adapter
         np.testing.assert_array_equal(t, want[f"start/{name}"])
     nonzero = start_adapter(torch_.adapter())
@@ -290,7 +298,7 @@ def _saved_bytes(trainer: TorchTrainer, batch: Batch) -> int:
 def test_lean_and_checkpointing_keep_less_for_backward(bundle: Path) -> None:
     m = mf.load(bundle)
     batch = _batches(m.architecture.vocab, 1)[0]
-    plain, lean, ckpt = (TorchTrainer(bundle, m, lr=LR, threads=1, **MODES[k]) for k in ("fp32", "lean", "lean-ckpt"))  # type: ignore[arg-type]
+    plain, lean, ckpt = (TorchTrainer(bundle, m, lr=LR, threads=1, **MODES[k]) for k in ("fp32", "lean", "lean-ckpt"))
     saved = [_saved_bytes(t, batch) for t in (plain, lean, ckpt)]
     assert saved[0] > saved[1] > saved[2], saved
     # what the fp32 path keeps and the lean one does not: the (N, V) logits and their softmax

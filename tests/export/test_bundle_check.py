@@ -48,7 +48,9 @@ def _copy(bundle: Path, dst: Path) -> Path:
     return dst
 
 
-def test_check_fails_on_a_changed_file(q8_bundle: tuple[Path, str], tmp_path: Path, capsys) -> None:
+def test_check_fails_on_a_changed_file(
+    q8_bundle: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     broken = _copy(q8_bundle[0], tmp_path / "b")
     with open(broken / mf.TOKENIZER, "ab") as f:
         f.write(b" ")
@@ -82,7 +84,9 @@ def test_check_skips_llama_cpp_without_a_gguf(tiny_dir: Path, bundle_factory: Ca
     assert [r.status for r in report.results] == ["OK", "OK", "OK", "SKIP"]
 
 
-def test_option_errors_use_the_export_exit_code(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+def test_option_errors_use_the_export_exit_code(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc = main(["export", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--targets", "q,attn"])
     assert rc == ExportError.exit_code
     assert "unsupported LoRA target(s) ['attn']; supported: q, k, v, o, gate, up, down" in capsys.readouterr().err

@@ -56,7 +56,9 @@ def test_unknown_lora_target_names_the_supported_ones(tiny_dir: Path, tmp_path: 
         ({"vocab_size": 999}, r"model.embed_tokens.weight' has shape \(320, 64\), expected \(999, 64\)"),
     ],
 )
-def test_config_problems_name_the_field(tiny_dir: Path, tmp_path: Path, changes: dict, message: str) -> None:
+def test_config_problems_name_the_field(
+    tiny_dir: Path, tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
     model = _copy(tiny_dir, tmp_path / "m")
     _edit_config(model, **changes)
     with pytest.raises(ExportError, match=message):

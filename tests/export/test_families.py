@@ -20,7 +20,7 @@ from alignfed import manifest as mf
 from alignfed.errors import ExportError
 from export.bundle import export_bundle
 from export.families import FAMILIES, listing
-from export.onnx_graph import INPUT_IDS, LABELS, act_name
+from export.onnx_graph import INPUT_IDS, LABELS, Quantization, act_name
 from export.synthetic import TINY_CONFIGS, write_tiny_model
 from runtime.ort import get_params, open_session, set_params
 from tests.support.hf_reference import merged_model, projection_inputs, random_adapter
@@ -129,7 +129,8 @@ def test_graph_conventions_and_steps_learn(family_bundle: tuple[Path, Path]) -> 
 def test_int8_base_is_dequantize_matmul(family: str, tmp_path: Path) -> None:
     model_dir = write_tiny_model(tmp_path / "model", TINY_CONFIGS[family])
     fp32, int8 = tmp_path / "fp32", tmp_path / "int8"
-    for out, quant in ((fp32, "fp32"), (int8, "int8")):
+    quants: tuple[tuple[Path, Quantization], ...] = ((fp32, "fp32"), (int8, "int8"))
+    for out, quant in quants:
         export_bundle(model_dir, out, targets=("q", "v"), rank=RANK, alpha=ALPHA, quantization=quant, write_gguf=None)
     calib = onnx.load(str(int8 / mf.CALIB_MODEL))
     inits = {i.name: i for i in calib.graph.initializer}

@@ -21,6 +21,8 @@ from runtime.ort import open_session, set_params
 
 RANK, ALPHA = 4, 8.0  # as tests/export/conftest.py
 LOSS_TOL = 1e-5  # same float32 weights and graph: only ORT's own nondeterminism remains
+# The make_batch fixture (conftest): (vocab, B, T, seed) -> input_ids, labels, both (B, T).
+MakeBatch = Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Question: what is 12 plus 30?  Answer:   42, not 4 2 or 1234567.",
@@ -64,7 +66,7 @@ def test_rebuilt_tokenizer_tokenizes_like_the_original(tiny_dir: Path, tiny_gguf
 
 
 def test_gguf_export_trains_on_the_same_loss_as_the_hf_export(
-    tiny_dir: Path, tiny_gguf: Path, bundle_factory: Callable[..., Path], make_batch, tmp_path: Path
+    tiny_dir: Path, tiny_gguf: Path, bundle_factory: Callable[..., Path], make_batch: MakeBatch, tmp_path: Path
 ) -> None:
     from_hf = bundle_factory(tiny_dir, ("q", "v"))
     from_gguf = tmp_path / "bundle"
@@ -137,7 +139,7 @@ def test_foreign_ggufs_are_refused_with_what_is_supported(tiny_gguf: Path, tmp_p
         open_gguf(_gguf_with(tmp_path / "spm.gguf", "llama", "llama", context_length=16, **hparams))
     with pytest.raises(ExportError, match=r"head_dim 1 must be even"):  # validated as a HF config would be
         odd = {**hparams, "attention.head_count": 4}
-        open_gguf(_gguf_with(tmp_path / "odd.gguf", "llama", context_length=16, **odd))
+        open_gguf(_gguf_with(tmp_path / "odd.gguf", "llama", "gpt2", context_length=16, **odd))
     with pytest.raises(ExportError, match=r"expected a Hugging Face model folder or a .gguf file"):
         open_source(tmp_path / "missing.gguf")
     (tmp_path / "model.bin").write_bytes(b"\0")

@@ -7,6 +7,7 @@ wrong factor order, scale, transpose or target shows up in the loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from export.onnx_graph import INPUT_IDS, LABELS, LOSS, act_name
 from runtime.ort import get_params, open_session, set_params
 
 TOL = 1e-4
+# The make_batch fixture (conftest): (vocab, B, T, seed) -> input_ids, labels, both (B, T).
+MakeBatch = Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]
 CASES = [
     ("qv", ("q", "v"), "tiny_dir"),
     ("all-seven", ("q", "k", "v", "o", "gate", "up", "down"), "tiny_dir"),
@@ -66,7 +69,12 @@ def torch_reference(
 
 @pytest.mark.parametrize(("case", "targets", "model_fixture"), CASES, ids=[c[0] for c in CASES])
 def test_train_eval_and_calib_match_transformers(
-    case: str, targets: tuple[str, ...], model_fixture: str, request: pytest.FixtureRequest, bundle_factory, make_batch
+    case: str,
+    targets: tuple[str, ...],
+    model_fixture: str,
+    request: pytest.FixtureRequest,
+    bundle_factory: Callable[..., Path],
+    make_batch: MakeBatch,
 ) -> None:
     import onnxruntime as ort
 
@@ -115,7 +123,9 @@ def test_train_eval_and_calib_match_transformers(
         assert act_err < TOL
 
 
-def test_zero_init_adapter_is_the_base_model(tiny_dir: Path, bundle_factory, make_batch) -> None:
+def test_zero_init_adapter_is_the_base_model(
+    tiny_dir: Path, bundle_factory: Callable[..., Path], make_batch: MakeBatch
+) -> None:
     """The bundle's own init (B = 0) must give exactly the base model's loss."""
     from transformers import LlamaForCausalLM
 

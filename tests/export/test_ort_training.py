@@ -4,6 +4,7 @@ steps lower the loss (fp32 and int8 bases), and named parameter get/set behaves.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,13 @@ from export.artifacts import MAX_IR_VERSION
 from runtime.ort import bind, get_params, open_session, set_params
 
 QV = ("q", "v")
+# The make_batch fixture (conftest): (vocab, B, T, seed) -> input_ids, labels, both (B, T).
+MakeBatch = Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]
 
 
 @pytest.mark.parametrize("quantization", ["fp32", "int8"])
 def test_steps_lower_loss_and_every_lora_tensor_learns(
-    quantization: str, tiny_dir: Path, bundle_factory, make_batch
+    quantization: str, tiny_dir: Path, bundle_factory: Callable[..., Path], make_batch: MakeBatch
 ) -> None:
     bundle = bundle_factory(tiny_dir, ("q", "k", "v", "o", "gate", "up", "down"), quantization)
     manifest = mf.load(bundle)
@@ -64,7 +67,7 @@ def test_steps_lower_loss_and_every_lora_tensor_learns(
     assert not unchanged
 
 
-def test_int8_base_is_close_to_fp32(tiny_dir: Path, bundle_factory, make_batch) -> None:
+def test_int8_base_is_close_to_fp32(tiny_dir: Path, bundle_factory: Callable[..., Path], make_batch: MakeBatch) -> None:
     fp32 = open_session(bundle_factory(tiny_dir, QV, "fp32") / mf.TRAIN_DIR)
     int8_bundle = bundle_factory(tiny_dir, QV, "int8")
     int8 = open_session(int8_bundle / mf.TRAIN_DIR)
@@ -84,7 +87,7 @@ def test_int8_base_is_close_to_fp32(tiny_dir: Path, bundle_factory, make_batch) 
     ).stat().st_size
 
 
-def test_artifacts_are_loadable_by_ort_1_19(tiny_dir: Path, bundle_factory) -> None:
+def test_artifacts_are_loadable_by_ort_1_19(tiny_dir: Path, bundle_factory: Callable[..., Path]) -> None:
     bundle = bundle_factory(tiny_dir, QV)
     for rel in (mf.TRAINING_MODEL, mf.EVAL_MODEL, mf.OPTIMIZER_MODEL, mf.CALIB_MODEL):
         model = onnx.load(str(bundle / rel))
@@ -95,7 +98,7 @@ def test_artifacts_are_loadable_by_ort_1_19(tiny_dir: Path, bundle_factory) -> N
     assert training.graph.output[0].name == "loss"
 
 
-def test_named_parameter_access_is_checked(tiny_dir: Path, bundle_factory) -> None:
+def test_named_parameter_access_is_checked(tiny_dir: Path, bundle_factory: Callable[..., Path]) -> None:
     from onnxruntime.training.api import CheckpointState, Module
 
     bundle = bundle_factory(tiny_dir, QV)

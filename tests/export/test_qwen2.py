@@ -9,6 +9,7 @@ import json
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -24,6 +25,11 @@ from export.hf_source import read_hf_model
 from export.onnx_graph import INPUT_IDS, LABELS, lora_shapes
 from export.synthetic import QWEN2_CONFIG, TinyConfig, write_tiny_qwen2
 from runtime.ort import open_session, set_params
+
+if TYPE_CHECKING:
+    from transformers import Qwen2ForCausalLM
+
+    from runtime.llama import Generator
 
 TOL = 1e-4  # ORT vs torch loss, as tests/export/test_onnx_parity.py
 EXACT_TOL = 1e-5  # llama.cpp (F32 base, F32 KV cache) vs torch, relative to max |logit|
@@ -47,11 +53,14 @@ def random_adapter(shapes: Mapping[str, tuple[int, int]], seed: int, std: float 
     return {k: (std * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
 
 
-def torch_model(model_dir: Path):  # type: ignore[no-untyped-def]
+def torch_model(model_dir: Path) -> Qwen2ForCausalLM:
     from transformers import Qwen2ForCausalLM
 
     torch.set_num_threads(2)
-    return Qwen2ForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    model: Qwen2ForCausalLM = Qwen2ForCausalLM.from_pretrained(
+        model_dir, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    return model
 
 
 def merged_logits(model_dir: Path, ids: list[int], tensors: Mapping[str, np.ndarray], layout: LoraLayout) -> np.ndarray:
@@ -62,7 +71,8 @@ def merged_logits(model_dir: Path, ids: list[int], tensors: Mapping[str, np.ndar
             layer, module = lora.split_layer_id(lid)
             w = model.get_parameter(lora.hf_weight_name(layer, module))  # (out, in)
             w.add_(torch.from_numpy(lora.product(tensors, lid, layout.scale)).to(w.dtype))
-        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        logits: np.ndarray = model(input_ids=torch.tensor([ids])).logits[0].numpy()  # (T, vocab)
+    return logits
 
 
 def test_architecture_has_qkv_bias(qwen_dir: Path) -> None:
@@ -136,7 +146,7 @@ def qwen_gguf(qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def generator(qwen_gguf: Path) -> Iterator[object]:
+def generator(qwen_gguf: Path) -> Iterator[Generator]:
     from runtime.llama import Generator
 
     gen = Generator(qwen_gguf, n_ctx=QWEN2_CONFIG.max_seq, n_threads=2, kv_f32=True)
@@ -149,7 +159,7 @@ def qwen_arch(qwen_dir: Path) -> Architecture:
     return read_hf_model(qwen_dir)[0]
 
 
-def test_gguf_keeps_hf_row_order_and_qwen2_tokenizer(qwen_dir: Path, qwen_gguf: Path, generator) -> None:
+def test_gguf_keeps_hf_row_order_and_qwen2_tokenizer(qwen_dir: Path, qwen_gguf: Path, generator: Generator) -> None:
     import gguf
     from tokenizers import Tokenizer
 
@@ -181,7 +191,7 @@ def test_qwen2_gguf_reads_back_as_the_hf_model(qwen_dir: Path, qwen_gguf: Path) 
 
 
 def test_base_and_adapter_logits_match_transformers(
-    qwen_dir: Path, qwen_arch: Architecture, generator, tmp_path: Path
+    qwen_dir: Path, qwen_arch: Architecture, generator: Generator, tmp_path: Path
 ) -> None:
     ids = list(range(3, 45))
     model = torch_model(qwen_dir)

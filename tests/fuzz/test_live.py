@@ -175,9 +175,9 @@ def test_device_survives_hostile_retained_globals_and_a_storm_of_bad_messages(
         t["rejected (one log line): " + reason_key(REJECTED_GLOBAL.findall(text)[0])] += 1
         tally["live edge daemon: seconds per phase"].update({k: round(v) for k, v in phases.items()})
     finally:
-        for p in (edge, coord):
-            if p is not None:
-                stop(p)
+        for proc in (edge, coord):
+            if proc is not None:
+                stop(proc)
         fuzzer.stop()
 
 

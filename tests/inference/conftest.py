@@ -114,7 +114,8 @@ class TorchReference:
                     w.add_(torch.from_numpy(delta).to(w.dtype))
             out = self.model(input_ids=torch.tensor([token_ids])).logits[0]  # (T, vocab)
         self.model.load_state_dict(self.base)
-        return out.numpy().astype(np.float32)
+        logits: np.ndarray = out.numpy().astype(np.float32)  # (T, vocab)
+        return logits
 
 
 @pytest.fixture(scope="session")

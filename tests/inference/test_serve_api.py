@@ -6,7 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +78,9 @@ def server(device: DeviceConfig) -> Iterator[object]:
     srv.stop()
 
 
-def _wait_for(predicate: object, timeout: float = 10.0) -> None:
+def _wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if time.monotonic() > end:
             raise AssertionError("timed out")
         time.sleep(0.05)
@@ -88,12 +88,14 @@ def _wait_for(predicate: object, timeout: float = 10.0) -> None:
 
 def test_client_sees_new_global_without_restart(server: object, device: DeviceConfig) -> None:
     from edge.openai_api import ApiServer
+    from runtime.llama import Generator
 
     assert isinstance(server, ApiServer)
     client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
     engine = server.service.engine
-    llm = engine._llm  # type: ignore[attr-defined]
+    assert isinstance(engine, Generator)
+    llm = engine._llm
 
     def ask() -> tuple[str, str]:
         r = client.completions.create(model=model, prompt="The device trains", max_tokens=8, temperature=0)
@@ -123,7 +125,7 @@ def test_client_sees_new_global_without_restart(server: object, device: DeviceCo
     write_lora_gguf(adapter_path(device.state_dir / "adapters", 2), g2.tensors, m.architecture, m.lora)
     fp2, text2 = ask()  # no waiting: each request checks for a newer adapter first
     assert fp2 == "adapter-v2" and text2 != text1
-    assert server.service.engine is engine and engine._llm is llm  # type: ignore[attr-defined]  # base not reloaded
+    assert server.service.engine is engine and engine._llm is llm  # base not reloaded
     assert server.service.swaps == 2
 
 

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -76,7 +77,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator
     def up() -> bool:
         try:
             with urllib.request.urlopen(r.url + "api/state", timeout=2) as resp:
-                return resp.status == 200
+                status: int = resp.status  # urlopen is typed as returning Any
+                return status == 200
         except OSError:
             return False
 
@@ -95,7 +97,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator
         broker.stop()
 
 
-def state(r: Run) -> dict[str, object]:
+def state(r: Run) -> dict[str, Any]:  # the board's JSON snapshot
     with urllib.request.urlopen(r.url + "api/state", timeout=5) as resp:
         return dict(json.loads(resp.read()))
 
@@ -192,6 +194,6 @@ def test_metrics_match_what_happened(run: Run) -> None:
         # the daemons ended their rounds and said so: a retained "offline" status (a clean exit sends no will)
         assert m[("alignfed_devices_online", ())] == 0
         s = state(run)
-        assert s["totals"]["rejected"] == 1 and s["rejects"][0]["reason"].startswith("malformed")  # type: ignore[index]
+        assert s["totals"]["rejected"] == 1 and s["rejects"][0]["reason"].startswith("malformed")
     finally:
         store.close()

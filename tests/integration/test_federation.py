@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import uuid
@@ -16,7 +17,7 @@ from alignfed.lowrank import Factors
 from alignfed.manifest import bundle_digest
 from alignfed.manifest import load as load_manifest
 from alignfed.topics import Topics
-from alignfed.transport import BrokerConfig, Transport
+from alignfed.transport import BrokerConfig, Message, Transport
 from coordinator.store import Store
 from demo.local import DeviceSpec, lay_out
 from tests.support.broker import Mosquitto
@@ -43,7 +44,7 @@ def test_three_devices_federate(tmp_path: Path, broker: Mosquitto, tiny_bundle: 
         fast_profile(tmp_path / "fast.toml"),
         fast_profile(tmp_path / "torch.toml", name="test-torch", trainer="torch"),  # the aarch64 backend
     ]
-    wires = [  # every wire format, and a truncated delta with device-side error feedback
+    wires: list[dict[str, object]] = [  # every wire format, and a truncated delta with device-side error feedback
         {"wire_quantization": "int8"},
         {"wire_quantization": "int8c", "delta_rank": 2},
         {"wire_quantization": "fp32", "wire_codec": "none"},
@@ -145,7 +146,9 @@ def test_malformed_update_gets_reject_ack_and_service_continues(
         devices=[DeviceSpec("dev-1", str(profile), data)],
         strategy={"name": "fedbuff", "k": 1},
     )
-    key = bytes.fromhex(Store(tmp_path / "fed" / "coordinator" / "coordinator.sqlite").device_key("dev-1").hex())  # type: ignore[union-attr]
+    stored_key = Store(tmp_path / "fed" / "coordinator" / "coordinator.sqlite").device_key("dev-1")
+    assert stored_key is not None
+    key = bytes.fromhex(stored_key.hex())
     coord = spawn("coordinator", "--config", str(fed.coordinator_config), log=tmp_path / "coordinator.log")
     topics = Topics("demo")
     client = Transport(BrokerConfig(broker.url), "tester", clean_session=True)
@@ -180,9 +183,7 @@ def test_malformed_update_gets_reject_ack_and_service_continues(
         bad_deltas = dict(deltas)
         first = next(iter(bad_deltas))
         bad_deltas[first] = Factors(u=np.full_like(deltas[first].u, np.nan), v=deltas[first].v)
-        bad = protocol.AdapterUpdate(
-            **{**{f: getattr(good, f) for f in good.__slots__}, "deltas": bad_deltas, "update_id": "nan-one"}
-        )  # type: ignore[attr-defined]
+        bad = dataclasses.replace(good, deltas=bad_deltas, update_id="nan-one")
         client.publish(topics.update("dev-1"), protocol.encode_update(bad, key))
         acks.append(next_ack())
         assert not acks[-1].accepted and "non-finite" in acks[-1].reason and acks[-1].update_id == "nan-one"
@@ -205,8 +206,8 @@ def test_malformed_update_gets_reject_ack_and_service_continues(
     assert store.stats()["dev-1"]["aggregated"] == 1
 
 
-def drain(t: Transport) -> list[object]:
-    out = []
+def drain(t: Transport) -> list[Message]:
+    out: list[Message] = []
     while (m := t.get(timeout=0.2)) is not None:
         out.append(m)
     return out

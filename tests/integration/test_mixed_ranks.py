@@ -40,7 +40,7 @@ def test_devices_of_mixed_ranks_federate(tmp_path: Path, broker: Mosquitto, tiny
         fast_profile(tmp_path / "capped.toml", name="test-capped", max_rank=2),
         fast_profile(tmp_path / "capped-torch.toml", name="test-capped-torch", trainer="torch", max_rank=2),
     ]
-    wires = [
+    wires: list[dict[str, object]] = [
         {"wire_quantization": "int8c"},
         {"wire_quantization": "int8c", "delta_rank": 8},  # asks for more than a rank-2 device has: sends 2k = 4
         {"wire_quantization": "fp32", "wire_codec": "none"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ OVERRIDES = {"local_steps": 2, "batch": 2, "seq_len": 16, "lr": 0.01}
 
 
 def make_testbed_config(bundle: Path, **changes: object) -> TestbedConfig:
-    base: dict[str, object] = {
+    base: dict[str, Any] = {  # field -> value, checked by the config itself
         "bundle": bundle,
         "fleet": FleetConfig(devices=4, classes=2, overrides=OVERRIDES),
         "eval_examples": 4,
@@ -24,13 +25,13 @@ def make_testbed_config(bundle: Path, **changes: object) -> TestbedConfig:
         "calibration_tokens": 32,
     }
     base.update(changes)
-    return TestbedConfig(**base)  # type: ignore[arg-type]
+    return TestbedConfig(**base)
 
 
 def make_sim_config(**changes: object) -> SimulationConfig:
-    base: dict[str, object] = {"horizon_s": 12.0, "max_versions": 6}
+    base: dict[str, Any] = {"horizon_s": 12.0, "max_versions": 6}  # field -> value
     base.update(changes)
-    return SimulationConfig(**base)  # type: ignore[arg-type]
+    return SimulationConfig(**base)
 
 
 @pytest.fixture(scope="session")

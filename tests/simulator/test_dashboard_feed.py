@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,7 +13,7 @@ from dashboard.config import DashboardConfig
 from dashboard.live import LiveDashboard
 from simulator.cli import add_simulate_parser
 from simulator.experiment import ExperimentConfig, run_experiment
-from simulator.live import feeds
+from simulator.live import VariantFeed, feeds
 from simulator.testbed import Testbed
 from simulator.variants import select_variants
 from tests.simulator.conftest import make_sim_config
@@ -24,10 +25,10 @@ def test_a_simulation_feeds_the_dashboard(testbed: Testbed) -> None:
     config = ExperimentConfig(variants=tuple(variants), simulation=make_sim_config(horizon_s=12.0, max_versions=4))
     live = LiveDashboard(DashboardConfig(port=0), federation="simulation")
     url = live.start()
-    seen: dict[str, dict[str, object]] = {}
+    seen: dict[str, dict[str, Any]] = {}  # variant -> the board's JSON snapshot
     factory = feeds(live, {v.name: v.strategy for v in variants})
 
-    def events(variant: str):  # type: ignore[no-untyped-def]
+    def events(variant: str) -> VariantFeed:
         if seen:  # the previous variant's picture, just before the board is reset for this one
             seen[list(seen)[-1]] = live.board.snapshot()
         seen[variant] = {}
@@ -43,24 +44,24 @@ def test_a_simulation_feeds_the_dashboard(testbed: Testbed) -> None:
                        if not s.labels}  # fmt: skip
     finally:
         live.stop()
-    assert served["federation"] == "alignfed" and served["seq"] >= seen["alignfed"]["seq"]  # type: ignore[operator]
+    assert served["federation"] == "alignfed" and served["seq"] >= seen["alignfed"]["seq"]
     for run in result.runs:
         snap = seen[run.variant]
         assert snap["strategy"] == run.strategy
         assert snap["version"] == run.versions >= 1
-        assert [v["version"] for v in snap["lineage"]] == list(range(run.versions + 1))  # type: ignore[union-attr]
+        assert [v["version"] for v in snap["lineage"]] == list(range(run.versions + 1))
         totals = snap["totals"]
-        assert totals["accepted"] == sum(run.accepted.values())  # type: ignore[index]
-        assert totals["rejected"] == sum(run.rejected.values())  # type: ignore[index]
-        assert {d["id"] for d in snap["devices"]} == set(run.devices)  # type: ignore[union-attr]
+        assert totals["accepted"] == sum(run.accepted.values())
+        assert totals["rejected"] == sum(run.rejected.values())
+        assert {d["id"] for d in snap["devices"]} == set(run.devices)
         # each evaluation's per-device held-out losses became the page's loss-over-time series
         last = run.curve[-1]
         for device, loss in last.per_device.items():
-            assert snap["eval_loss"][device][-1][1] == pytest.approx(loss)  # type: ignore[index]
+            assert snap["eval_loss"][device][-1][1] == pytest.approx(loss)
         folded = sum(run.folded.values())
-        assert sum(snap["staleness_histogram"].values()) == sum(run.accepted.values()) >= folded  # type: ignore[union-attr]
+        assert sum(snap["staleness_histogram"].values()) == sum(run.accepted.values()) >= folded
     align = seen["alignfed"]
-    assert len(align["residuals"]) == len(result.runs[1].alignment)  # type: ignore[arg-type]
+    assert len(align["residuals"]) == len(result.runs[1].alignment)
     # Prometheus counts over the whole invocation: both variants
     assert metrics["alignfed_updates_accepted_total"] == sum(sum(r.accepted.values()) for r in result.runs)
     assert metrics["alignfed_global_version"] == result.runs[-1].versions

@@ -22,9 +22,11 @@ TEXTS = [
 ] * 3
 LR = 0.01
 
+Setup = tuple[mf.Manifest, dict[str, np.ndarray], list[Batch]]  # manifest, start adapter, batches
+
 
 @pytest.fixture(scope="module")
-def setup(tiny_bundle: Path) -> tuple[mf.Manifest, dict[str, np.ndarray], list[Batch]]:
+def setup(tiny_bundle: Path) -> Setup:
     m = mf.load(tiny_bundle)
     b = Batcher(TEXTS, tiny_bundle / mf.TOKENIZER, batch=2, seq_len=24, eos_id=0, seed=0)
     batches = [b.make(b.rows[i : i + 2]) for i in range(0, 8, 2)]
@@ -52,7 +54,7 @@ def test_adamw_hyperparameters_come_from_the_bundle(tiny_bundle: Path) -> None:
     assert opt.alpha == pytest.approx(0.9) and opt.beta == pytest.approx(0.999)
 
 
-def test_a_round_from_fresh_moments_matches_a_fresh_ort_trainer(tiny_bundle: Path, setup) -> None:
+def test_a_round_from_fresh_moments_matches_a_fresh_ort_trainer(tiny_bundle: Path, setup: Setup) -> None:
     m, start, batches = setup
     reference = _ort_round(OrtTrainer(tiny_bundle, m, lr=LR, threads=1), start, batches)
     shared = SharedTrainer(tiny_bundle, m)
@@ -62,7 +64,7 @@ def test_a_round_from_fresh_moments_matches_a_fresh_ort_trainer(tiny_bundle: Pat
     assert len(got.losses) == len(batches) and all(np.isfinite(got.losses))
 
 
-def test_a_fresh_ort_optimizer_keeps_the_old_moments(tiny_bundle: Path, setup) -> None:
+def test_a_fresh_ort_optimizer_keeps_the_old_moments(tiny_bundle: Path, setup: Setup) -> None:
     """Why the simulator owns the moments: ORT 1.19 keeps them in the CheckpointState."""
     from onnxruntime.training.api import Optimizer
 
@@ -75,7 +77,7 @@ def test_a_fresh_ort_optimizer_keeps_the_old_moments(tiny_bundle: Path, setup) -
     assert _max_diff(reference, _ort_round(used, start, batches)) > 1e-4
 
 
-def test_moments_per_device_carry_over_and_per_round_do_not(tiny_bundle: Path, setup) -> None:
+def test_moments_per_device_carry_over_and_per_round_do_not(tiny_bundle: Path, setup: Setup) -> None:
     m, start, batches = setup
     shared = SharedTrainer(tiny_bundle, m)
     fresh_a = shared.train(start, batches, lr=LR).tensors
@@ -89,7 +91,7 @@ def test_moments_per_device_carry_over_and_per_round_do_not(tiny_bundle: Path, s
     assert _max_diff(second, fresh_a) > 1e-5
 
 
-def test_eval_loss_uses_the_given_adapter(tiny_bundle: Path, setup) -> None:
+def test_eval_loss_uses_the_given_adapter(tiny_bundle: Path, setup: Setup) -> None:
     m, start, batches = setup
     shared = SharedTrainer(tiny_bundle, m)
     trained = shared.train(start, batches * 3, lr=LR).tensors

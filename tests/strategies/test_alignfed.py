@@ -218,7 +218,7 @@ def test_config_validation_and_registry(syn: Any) -> None:
     with pytest.raises(ValueError, match="tau_max must be ≥ 0, got -1"):
         AlignFedConfig(tau_max=-1)
     with pytest.raises(ValueError, match="method must be one of pca, qrcp, cur"):
-        AlignFedConfig(method="svd")  # type: ignore[arg-type]
+        AlignFedConfig(method="svd")  # type: ignore[arg-type]  # a method the type forbids: the runtime check
     with pytest.raises(ValueError, match="needs an activation source"):
         AlignFed(AlignFedConfig())
     af = build("alignfed", k=3, alignment=False)

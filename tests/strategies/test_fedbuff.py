@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alignfed.errors import RejectedUpdate
+from alignfed.lowrank import Method
 from coordinator.strategies import build
 from coordinator.strategies.fedbuff import FedBuff
 from coordinator.strategies.staleness import Constant
@@ -87,12 +88,12 @@ def test_registry_builds_fedbuff() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(order=st.permutations(range(4)), method=st.sampled_from(["pca", "qrcp", "cur"]))
-def test_permutation_invariant(order: list[int], method: str, syn: Any) -> None:
+def test_permutation_invariant(order: list[int], method: Method, syn: Any) -> None:
     current = syn.state(version=6)
     updates = [syn.update(f"u{i}", base_version=b, seed=i) for i, b in enumerate([6, 5, 5, 2])]
     results = []
     for perm in (range(4), order):
-        fb = FedBuff(k=4, server_lr=0.9, method=method)  # type: ignore[arg-type]
+        fb = FedBuff(k=4, server_lr=0.9, method=method)
         for i in perm:
             fb.add(updates[i], 6)
         agg = fb.aggregate(current, 0.0)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignfed.lowrank import Factors, cur, factorize, pca, qrcp, to_adapter
+from alignfed.lowrank import Factors, Method, cur, factorize, pca, qrcp, to_adapter
 
 shapes = st.tuples(st.integers(2, 24), st.integers(2, 24))
 
@@ -19,7 +19,8 @@ def _matrix(seed: int, out_dim: int, in_dim: int, decay: float) -> np.ndarray:
     u, _ = np.linalg.qr(rng.normal(size=(out_dim, p)))  # (out, p)
     v, _ = np.linalg.qr(rng.normal(size=(in_dim, p)))  # (in, p)
     s = np.exp(-decay * np.arange(p))
-    return (u * s) @ v.T
+    m: np.ndarray = (u * s) @ v.T  # (out, in)
+    return m
 
 
 def _tail(m: np.ndarray, k: int) -> float:
@@ -64,7 +65,7 @@ def test_qrcp_and_cur_stay_within_their_factors(seed: int, shape: tuple[int, int
     method=st.sampled_from(["pca", "qrcp", "cur"]),
 )
 def test_exact_on_matrices_of_rank_at_most_k(
-    seed: int, shape: tuple[int, int], true_rank: int, extra: int, method: str
+    seed: int, shape: tuple[int, int], true_rank: int, extra: int, method: Method
 ) -> None:
     rng = np.random.default_rng(seed)
     out_dim, in_dim = shape
@@ -72,7 +73,7 @@ def test_exact_on_matrices_of_rank_at_most_k(
     k = true_rank + extra
     if k == 0:
         k = 1
-    f = factorize(m, k, method)  # type: ignore[arg-type]
+    f = factorize(m, k, method)
     assert f.rank <= k
     np.testing.assert_allclose(f.dense(), m, atol=1e-4 * (1 + np.abs(m).max()))
 
@@ -108,14 +109,14 @@ def test_residual_cap_drops_the_smallest_directions() -> None:
     method=st.sampled_from(["pca", "qrcp", "cur"]),
 )
 def test_factored_refactorization_equals_the_dense_one(
-    seed: int, shape: tuple[int, int], inner: int, k: int, method: str
+    seed: int, shape: tuple[int, int], inner: int, k: int, method: Method
 ) -> None:
     """The server works on stacked factors; the product it keeps is the one the dense method gives."""
     rng = np.random.default_rng(seed)
     u, v = rng.normal(size=(shape[0], inner)), rng.normal(size=(inner, shape[1]))
     m = u @ v
-    split = to_adapter(Factors(u=u, v=v), k, 1.0, method, residual_rank=0)  # type: ignore[arg-type]
+    split = to_adapter(Factors(u=u, v=v), k, 1.0, method, residual_rank=0)
     kept = split.b.astype(np.float64) @ split.a
-    dense_kept = factorize(m, k, method).dense()  # type: ignore[arg-type]
+    dense_kept = factorize(m, k, method).dense()
     # QRCP/CUR pivot on diag(s)·Vᵀ, which picks M's columns (no ties with Gaussian factors)
     np.testing.assert_allclose(kept, dense_kept, atol=1e-4 * (1.0 + np.abs(m).max()))

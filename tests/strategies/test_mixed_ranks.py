@@ -17,18 +17,20 @@ import numpy as np
 import pytest
 
 from alignfed.lowrank import Factors
+from coordinator.alignment import ActivationSource
 from coordinator.strategies.alignfed import AlignFed, AlignFedConfig
 from coordinator.strategies.base import AdapterState, ClientUpdate, Strategy
 from coordinator.strategies.fedasync import FedAsync
 from coordinator.strategies.fedavg import FedAvg
 from coordinator.strategies.fedbuff import FedBuff
 from coordinator.strategies.fedstaleweight import FedStaleWeight
+from tests.strategies.conftest import Synthetic
 
 CURRENT = 4
 SERVER_RANK = 8  # ≥ rank of every product here, so re-factorization truncates nothing
 
 
-def _alignfed(syn: Any, activations: Any) -> AlignFed:
+def _alignfed(syn: Synthetic, activations: ActivationSource) -> AlignFed:
     def state_of(v: int) -> AdapterState:
         return syn.state(version=v, seed=100 + v, rank=SERVER_RANK)
 

@@ -13,7 +13,7 @@ from alignfed.lowrank import Factors
 from coordinator.strategies import build
 from coordinator.strategies.base import Aggregation, ClientUpdate, Strategy
 from coordinator.strategies.fedbuff import FedBuff
-from coordinator.strategies.robust import RobustCombiner, RobustConfig, update_norm
+from coordinator.strategies.robust import Aggregator, RobustCombiner, RobustConfig, update_norm
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "fedbuff": {"k": 4},
@@ -48,10 +48,10 @@ def _step(
     trim=st.sampled_from([0.1, 0.2, 0.34, 0.45]),
 )
 def test_median_and_trimmed_mean_equal_numpys_on_reconstructed_deltas(
-    syn: Any, m: int, seed: int, aggregator: str, trim: float
+    syn: Any, m: int, seed: int, aggregator: Aggregator, trim: float
 ) -> None:
     updates = [syn.update(f"u{i}", 3, device=f"d{i}", seed=seed + i) for i in range(m)]
-    fb = FedBuff(k=m, aggregator=aggregator, trim=trim)  # type: ignore[arg-type]
+    fb = FedBuff(k=m, aggregator=aggregator, trim=trim)
     step, _ = _step(syn, fb, updates)
     dense = {lid: np.stack([syn.dense(u)[lid] for u in updates]) for lid in step}  # (m, out, in)
     for lid, stacked in dense.items():

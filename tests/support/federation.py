@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from alignfed import tomlfile
@@ -46,10 +47,11 @@ def spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_for(predicate: object, timeout: float, what: str, poll: float = 0.2) -> None:
+def wait_for(predicate: Callable[..., object], timeout: float, what: str, poll: float = 0.2) -> None:
+    # `...`: called with no arguments, but loops pass lambdas that bind their loop variable as a default
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -18,7 +18,10 @@ def hf_model(model_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(2)
-    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
+        model_dir, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    return model
 
 
 def merged_model(
