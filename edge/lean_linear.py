@@ -45,7 +45,7 @@ class Int8Weight:
 
     def dequantize(self) -> torch.Tensor:
         """(in, out) float32, exactly DequantizeLinear(q_t, scale, axis=1)."""
-        return self.q_t.to(torch.float32) * self.scale
+        return self.q_t.to(torch.float32).mul_(self.scale)
 
     @property
     def nbytes(self) -> int:
@@ -93,24 +93,24 @@ class Int8Rows:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: (...) int64 -> (..., H) float32."""
-        return self.q[ids].to(torch.float32) * self.scale[ids][..., None]
+        return self.q[ids].to(torch.float32).mul_(self.scale[ids][..., None])
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, dequantized (b, H) float32 block) over the vocabulary, BLOCK rows at a time."""
         for s in range(0, self.q.shape[0], self.BLOCK):
-            yield s, self.q[s : s + self.BLOCK].to(torch.float32) * self.scale[s : s + self.BLOCK, None]
+            yield s, self.q[s : s + self.BLOCK].to(torch.float32).mul_(self.scale[s : s + self.BLOCK, None])
 
 
 class _Int8MatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(q_t, scale)  # int8 + (out,): the dequantized weight is not kept
-        return x @ (q_t.to(torch.float32) * scale)  # (..., in) @ (in, out)
+        return x @ q_t.to(torch.float32).mul_(scale)  # (..., in) @ (in, out); one temporary, scaled in place
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         q_t, scale = ctx.saved_tensors
-        dx = dy @ (q_t.to(torch.float32) * scale).T if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
+        dx = dy @ q_t.to(torch.float32).mul_(scale).T if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
         return dx, None, None
 
 
