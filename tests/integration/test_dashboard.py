@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
@@ -24,7 +23,7 @@ from alignfed.transport import BrokerConfig, Transport
 from coordinator.store import Store
 from demo.local import DeviceSpec, LocalFederation, lay_out
 from tests.support.broker import Mosquitto, free_port
-from tests.support.federation import fast_profile, spawn, wait_for
+from tests.support.federation import fast_profile, spawn, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -86,14 +85,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator
         wait_for(up, 60, "the coordinator's dashboard")
         yield r
     finally:
-        for p in [*r.edges, coord]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in [*r.edges, coord]:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop([*r.edges, coord])
         broker.stop()
 
 

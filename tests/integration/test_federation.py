@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from alignfed.transport import BrokerConfig, Message, Transport
 from coordinator.store import Store
 from demo.local import DeviceSpec, lay_out
 from tests.support.broker import Mosquitto
-from tests.support.federation import fast_profile, spawn, wait_for
+from tests.support.federation import fast_profile, spawn, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -123,14 +122,7 @@ def test_three_devices_federate(tmp_path: Path, broker: Mosquitto, tiny_bundle: 
         )
         assert gen.wait(timeout=60) == 0, read_logs(tmp_path)
     finally:
-        for p in [*edges, coord]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in [*edges, coord]:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop([*edges, coord])
     assert coord.returncode == 0, read_logs(tmp_path)
 
 

@@ -6,8 +6,6 @@ aarch64 boards, so its family forward pass (edge/torch_families.py) is what make
 
 from __future__ import annotations
 
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from demo.local import DeviceSpec, lay_out
 from export.bundle import export_bundle
 from export.synthetic import PHI3_CONFIG, QWEN3_CONFIG, TinyConfig, write_tiny_model
 from tests.support.broker import Mosquitto
-from tests.support.federation import fast_profile, spawn, wait_for
+from tests.support.federation import fast_profile, spawn, stop, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -71,12 +69,5 @@ def test_federation_of_a_traced_family_reaches_version_3(tmp_path: Path, broker:
         # each device turned a global adapter into a llama.cpp LoRA for its base
         assert sorted((tmp_path / "fed" / "dev-0" / "state" / "adapters").glob("adapter-*.gguf"))
     finally:
-        for p in [*edges, coord]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in [*edges, coord]:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop([*edges, coord])
     assert coord.returncode == 0, read_logs(tmp_path)

@@ -8,8 +8,6 @@ devices sent.
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from alignfed.transport import BrokerConfig, Transport
 from coordinator.store import Store
 from demo.local import DeviceSpec, lay_out
 from tests.support.broker import Mosquitto
-from tests.support.federation import fast_profile, spawn, wait_for
+from tests.support.federation import fast_profile, spawn, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -88,14 +86,7 @@ def test_devices_of_mixed_ranks_federate(tmp_path: Path, broker: Mosquitto, tiny
             sent.append(protocol.decode_update(msg.payload, 1 << 30).update)
     finally:
         watcher.stop()
-        for p in [*edges, coord]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in [*edges, coord]:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop([*edges, coord])
     assert coord.returncode == 0, _logs(tmp_path)
     # what travelled: each update states its device's rank, and a rank-k update is at most 2k wide
     assert {u.device_id for u in sent} == set(RANKS)

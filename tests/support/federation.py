@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,3 +56,15 @@ def wait_for(predicate: Callable[..., object], timeout: float, what: str, poll: 
             return
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20) -> None:
+    """SIGTERM every process still running (a clean shutdown), then wait; kill what does not exit."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
