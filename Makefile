@@ -15,7 +15,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 bench: setup
 	$(VENV)/bin/python benchmarks/run_all.py

@@ -70,7 +70,12 @@ def builtin_domains(*, eval_examples: int, train_examples: int, seed: int) -> li
     """The built-in corpora (arithmetic, code, prose), `train_examples + eval_examples` each."""
     n = max(train_examples, 1) + eval_examples
     return [
-        split(d, corpora.texts(d, n, seed + 101 * i), eval_examples=eval_examples, train_examples=train_examples,
-              seed=seed + i)
+        split(
+            d,
+            corpora.texts(d, n, seed + 101 * i),
+            eval_examples=eval_examples,
+            train_examples=train_examples,
+            seed=seed + i,
+        )
         for i, d in enumerate(corpora.DOMAINS)
     ]

@@ -167,5 +167,3 @@ def summarize(run: RunResult, target: float | None) -> Summary:
         mean_staleness=sum(t * c for t, c in taus.items()) / n if n else 0.0,
         alignment_residual=mean_alignment_residual(run),
     )
-
-

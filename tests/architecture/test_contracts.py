@@ -21,23 +21,43 @@ LINT = Path(sys.executable).with_name("lint-imports")
 
 # (module file, import injected, contract that must break) - the breaks a read of the tree once found
 BREAKS = [
-    ("export/check.py", "from alignfed.text import Batcher\nfrom edge.trainer import OrtTrainer",
-     "edge, coordinator and export import none of each other"),
-    ("coordinator/calibration.py", "from edge.config import DeviceConfig",
-     "edge, coordinator and export import none of each other"),
-    ("coordinator/calibration.py", "from simulator.domains import split",
-     "production code imports neither the simulator nor the demo"),
-    ("simulator/engine.py", "from edge.daemon import EdgeDaemon",
-     "the simulator drives the programs' cores, not their MQTT services"),
-    ("simulator/testbed.py", "from coordinator.service import Coordinator",
-     "the simulator drives the programs' cores, not their MQTT services"),
-    ("alignfed/lowrank.py", "from coordinator.strategies.base import AdapterState",
-     "the core and the runtimes import no program"),
+    (
+        "export/check.py",
+        "from alignfed.text import Batcher\nfrom edge.trainer import OrtTrainer",
+        "edge, coordinator and export import none of each other",
+    ),
+    (
+        "coordinator/calibration.py",
+        "from edge.config import DeviceConfig",
+        "edge, coordinator and export import none of each other",
+    ),
+    (
+        "coordinator/calibration.py",
+        "from simulator.domains import split",
+        "production code imports neither the simulator nor the demo",
+    ),
+    (
+        "simulator/engine.py",
+        "from edge.daemon import EdgeDaemon",
+        "the simulator drives the programs' cores, not their MQTT services",
+    ),
+    (
+        "simulator/testbed.py",
+        "from coordinator.service import Coordinator",
+        "the simulator drives the programs' cores, not their MQTT services",
+    ),
+    (
+        "alignfed/lowrank.py",
+        "from coordinator.strategies.base import AdapterState",
+        "the core and the runtimes import no program",
+    ),
     ("runtime/llama.py", "from edge.config import DeviceConfig", "the core and the runtimes import no program"),
-    ("edge/daemon.py", "from demo.local import DeviceSpec",
-     "production code imports neither the simulator nor the demo"),
-    ("dashboard/board.py", "from coordinator.fairness import jain_index",
-     "the dashboard imports only the core"),
+    (
+        "edge/daemon.py",
+        "from demo.local import DeviceSpec",
+        "production code imports neither the simulator nor the demo",
+    ),
+    ("dashboard/board.py", "from coordinator.fairness import jain_index", "the dashboard imports only the core"),
 ]
 
 
@@ -77,8 +97,9 @@ def test_contracts_catch_break(tree_copy: Path, rel: str, line: str, contract: s
 def module_cycles(root: Path) -> list[list[str]]:
     env = {**os.environ, "PYTHONPATH": str(root)}
     script = Path(__file__).with_name("cycles.py")
-    result = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=120, check=True
+    )
     cycles: list[list[str]] = json.loads(result.stdout)
     return cycles
 

@@ -27,7 +27,11 @@ def test_missing_dependency_fails_the_run(tmp_path: Path) -> None:
     env.pop("ALIGNFED_PARTIAL_ENV", None)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "tests/architecture"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode != 0
     assert "missing test dependencies ['llama_cpp']" in done.stdout + done.stderr

@@ -41,5 +41,9 @@ def test_format_bytes() -> None:
     from alignfed.sizes import format_bytes
 
     assert [format_bytes(n) for n in (0, 1023, 1024, 5 * 1024**2 + 1, 3 * 1024**3)] == [
-        "0 B", "1023 B", "1.0 KiB", "5.0 MiB", "3.0 GiB",
+        "0 B",
+        "1023 B",
+        "1.0 KiB",
+        "5.0 MiB",
+        "3.0 GiB",
     ]

@@ -78,7 +78,6 @@ def test_device_status_goes_at_the_qos_of_its_last_will(
     d.transport.stop()
 
 
-
 def test_a_clean_exit_leaves_a_retained_offline_status(broker: Mosquitto, tmp_path: Path, tiny_bundle: Path) -> None:
     """A clean disconnect sends no will, so the daemon says "offline" itself, retained, before it goes."""
     profile = fast_profile(tmp_path / "p.toml")
