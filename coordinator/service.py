@@ -7,6 +7,7 @@ steps so that a crash at any point loses nothing (see `store`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 from alignfed import manifest as mf
 from alignfed import protocol
 from alignfed.adapter import initial_adapter
+from alignfed.downlink import Broadcaster
 from alignfed.errors import ConfigError, RejectedUpdate
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport
@@ -70,6 +72,9 @@ class Coordinator:
         else:
             self._publishable = self.store.version(latest)[0]
         self.current = self._state(self.store.latest_version() or 0)
+        # Versions also go out as quantized deltas of the one before (alignfed.downlink); None: snapshots only
+        self._broadcaster = Broadcaster(cfg.downlink) if cfg.downlink != "snapshot" else None
+        self._publishable_delta: bytes | None = None  # the newest version's delta, retained on global/delta
         self._options: dict[str, Any] | None = None
         if isinstance(strategy, Strategy):
             self.strategy = strategy
@@ -230,6 +235,7 @@ class Coordinator:
         started = time.perf_counter()
         result: Aggregation = self.strategy.aggregate(self.current, now)
         took = time.perf_counter() - started
+        state, delta = self._downlink(result.state, now)
         metrics = {**result.metrics, **self._fleet_metrics()}
         adapter = protocol.GlobalAdapter(
             version=result.state.version,
@@ -239,20 +245,40 @@ class Coordinator:
             created_at=now,
             rank=self.manifest.lora.rank,
             alpha=self.manifest.lora.alpha,
-            tensors=result.state.tensors,
+            tensors=state.tensors,
             metrics=metrics,
         )
         encoded = protocol.encode_global(adapter)
         used = stored_keys({uid: (devices[uid], float(result.weights.get(uid, 0.0))) for uid in result.used})
         self.store.save_version(adapter, encoded, result.state.residual, used)
-        self.current = result.state
+        self.current = state
         self._publishable = encoded
+        self._publishable_delta = delta
         self.last_metrics = metrics
         log.info("version %d from %d updates", adapter.version, len(result.used))
         self._emit_version(
             adapter, tuple(devices[uid] for uid in result.used), took, now, result.timings.get("alignment")
         )
         return adapter
+
+    def _downlink(self, new: AdapterState, now: float) -> tuple[AdapterState, bytes | None]:
+        """The version devices reconstruct from the delta chain, and its delta message (None: snapshots only)."""
+        if self._broadcaster is None:
+            return new, None
+        step = self._broadcaster.step(self.current.tensors, new.tensors)
+        delta = protocol.GlobalDelta(
+            version=new.version,
+            parent_version=self.current.version,
+            bundle=self.bundle,
+            strategy=self.strategy.name,
+            created_at=now,
+            rank=self.manifest.lora.rank,
+            alpha=self.manifest.lora.alpha,
+            quantization=self._broadcaster.quantization,
+            digest=step.digest,
+            wire=step.wire,
+        )
+        return dataclasses.replace(new, tensors=step.published), protocol.encode_global_delta(delta)
 
     # -- observer (the dashboard) ----------------------------------------------------------------
 
@@ -415,6 +441,11 @@ class Coordinator:
     def publish_global(self) -> None:
         assert self.transport is not None
         self.transport.publish(self.topics.global_adapter, self._publishable, retain=True, timeout=60)
+        if self._publishable_delta is not None:  # after the snapshot: a device that fetched it can chain on
+            qos, retain = protocol.DELIVERY["global/delta"]
+            self.transport.publish(
+                self.topics.global_delta, self._publishable_delta, qos=qos, retain=retain, timeout=60
+            )
         self.transport.publish(self.topics.global_status, protocol.encode_status(self.status()), retain=True)
 
     def run(self, stop: threading.Event, *, connect_timeout: float = 30.0) -> None:

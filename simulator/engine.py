@@ -31,6 +31,7 @@ event log, so the event log is the same for a seed on any machine.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -44,6 +45,7 @@ import numpy as np
 
 from alignfed import protocol
 from alignfed.adapter import compute_deltas
+from alignfed.downlink import Broadcaster
 from alignfed.errors import ConfigError, RejectedUpdate
 from alignfed.text import Batch
 from coordinator.ingest import IngestLimits, payload_limit
@@ -71,6 +73,10 @@ class SimulationConfig:
     wire_codec: str = "deflate"  # envelope of each update: "deflate" | "none" (lossless)
     delta_rank: int = 0  # rank of the sent delta factors; 0 = exact (2r)
     delta_feedback: bool = True  # devices carry what compression drops into their next update
+    carry_rank: int = 0  # rank of that carry per layer; 0 = the sent rank
+    # how new versions reach devices: "snapshot" (the full float32 adapter every version) or the
+    # quantization of version-to-version deltas ("int4c" | "int8c" | "fp32"; alignfed.downlink)
+    downlink: str = "snapshot"
     poll_s: float = 1.0  # re-check `ready` this often while updates are buffered
     optimizer: OptimizerScope = "round"  # AdamW moments: fresh every round, or kept per device
     eval_every: int = 1  # evaluate every n-th version (and always the last)
@@ -95,8 +101,15 @@ class SimulationConfig:
             raise ConfigError(
                 f"simulation: wire_codec must be one of {', '.join(protocol.CODECS)}, got {self.wire_codec!r}"
             )
-        if self.delta_rank < 0:
-            raise ConfigError(f"simulation: delta_rank must be ≥ 0, got {self.delta_rank}")
+        if self.delta_rank < 0 or self.carry_rank < 0:
+            raise ConfigError(
+                f"simulation: delta_rank and carry_rank must be ≥ 0, got {self.delta_rank}, {self.carry_rank}"
+            )
+        if self.downlink not in ("snapshot", *protocol.DOWNLINK_QUANTIZATIONS):
+            raise ConfigError(
+                f"simulation: downlink must be 'snapshot' or one of {', '.join(protocol.DOWNLINK_QUANTIZATIONS)}, "
+                f"got {self.downlink!r}"
+            )
         if not self.poll_s > 0:
             raise ConfigError(f"simulation: poll_s must be > 0 seconds, got {self.poll_s}")
         if self.optimizer not in ("round", "device"):
@@ -143,6 +156,7 @@ class _Deliver:
     device: str
     version: int
     nbytes: int
+    parent: int = -1  # a delta from this version; −1: a snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +215,8 @@ class _DeviceState:
     rounds: int = 0
     stopped: bool = False  # its next round would end past the horizon
     attack: str | None = None  # a Byzantine device's attack (simulator.attacks)
+    link_at: float = -math.inf  # delta downlink: when its last message lands (one link, in order)
+    fetching: bool = False  # delta downlink: a snapshot is on its way
 
 
 class Simulation:
@@ -244,6 +260,8 @@ class Simulation:
         self._last_eval = -1
         self._last_eval_at = -math.inf
         self._global_bytes = 0
+        self._broadcaster = Broadcaster(config.downlink) if config.downlink != "snapshot" else None
+        self._delta_bytes = 0  # the newest version's delta message
         self._current_since = 0.0  # virtual time the current version was made
         self.devices: dict[str, _DeviceState] = {}
         self.byzantine = attacks.assign(
@@ -260,7 +278,12 @@ class Simulation:
                 batch_rng=np.random.default_rng([config.seed, d.index, 1]),
                 avail_rng=np.random.default_rng([config.seed, d.index, 2]),
                 key=hashlib.sha256(f"alignfed-sim:{d.device_id}".encode()).digest(),
-                uplink=Uplink(config.wire_quantization, config.delta_rank, feedback=config.delta_feedback),
+                uplink=Uplink(
+                    config.wire_quantization,
+                    config.delta_rank,
+                    feedback=config.delta_feedback,
+                    carry_rank=config.carry_rank,
+                ),
                 moments=testbed.trainer.fresh_moments() if config.optimizer == "device" else None,
                 attack=self.byzantine.get(d.device_id),
             )
@@ -306,10 +329,21 @@ class Simulation:
 
     # -- devices ----------------------------------------------------------------------------------
 
-    def _send(self, dev: _DeviceState, at: float, version: int, nbytes: int) -> None:
+    def _send(self, dev: _DeviceState, at: float, version: int, nbytes: int, parent: int = -1) -> None:
         """Schedule a global adapter's arrival at a device; the version is kept until it lands."""
         self._in_flight[version] += 1
-        self.queue.push(at, _Deliver(dev.device.device_id, version, nbytes))
+        if self._broadcaster is not None:  # a delta must not overtake the snapshot it applies to
+            at = dev.link_at = max(at, dev.link_at)
+        self.queue.push(at, _Deliver(dev.device.device_id, version, nbytes, parent))
+
+    def _send_current(self, dev: _DeviceState, now: float, *, snapshot: bool) -> None:
+        """The retained newest version: its snapshot, or (delta downlink) its delta."""
+        v, p = self.current.version, dev.device.profile
+        if snapshot or self._broadcaster is None or v == 0:
+            dev.fetching = self._broadcaster is not None
+            self._send(dev, now + self.cfg.timing.download_s(p, self._global_bytes), v, self._global_bytes)
+        else:
+            self._send(dev, now + self.cfg.timing.download_s(p, self._delta_bytes), v, self._delta_bytes, v - 1)
 
     def _on_deliver(self, item: _Deliver, now: float) -> None:
         self._in_flight[item.version] -= 1
@@ -317,6 +351,12 @@ class Simulation:
         if now < dev.offline_until:
             return  # offline: the message is missed; the retained newest is fetched on return
         self.result.bytes_down += item.nbytes
+        if item.parent >= 0 and item.parent != dev.received:  # a delta that does not chain: a gap
+            if item.version > dev.received and not dev.fetching:
+                self._send_current(dev, now, snapshot=True)
+            return
+        if item.parent < 0:
+            dev.fetching = False
         if item.version > dev.received:
             dev.received = item.version
             self._log(Event(now, "receive", item.device, version=item.version, bytes=item.nbytes))
@@ -327,10 +367,8 @@ class Simulation:
         dev.offline_until = now
         if self.current.version > dev.received:
             dev.waiting = True  # SYNC: wait for the retained newest version
-            p = dev.device.profile
-            self._send(
-                dev, now + self.cfg.timing.download_s(p, self._global_bytes), self.current.version, self._global_bytes
-            )
+            dev.fetching = False  # a snapshot sent while it was away was missed; it subscribes anew
+            self._send_current(dev, now, snapshot=False)
         else:
             self._try_start(dev, now)
 
@@ -458,11 +496,32 @@ class Simulation:
             residual = agg.metrics.get("alignment_residual")
             if isinstance(residual, dict) and residual:
                 self.result.alignment.append({str(k): float(v) for k, v in residual.items()})
+            if self._broadcaster is not None:  # the version is what devices reconstruct
+                new = self._broadcast(current, new, now)
             self.current = new
             taus = [current.version - pending[uid].base_version for uid in agg.used]
             self._publish(new, now, metrics=agg.metrics, max_tau=max(taus, default=0))
             if self.cfg.max_versions and new.version >= self.cfg.max_versions:
                 self._done = True
+
+    def _broadcast(self, current: AdapterState, new: AdapterState, now: float) -> AdapterState:
+        """P_v of the delta chain (alignfed.downlink) in place of the strategy's adapter; sizes its message."""
+        assert self._broadcaster is not None
+        step = self._broadcaster.step(current.tensors, new.tensors)
+        delta = protocol.GlobalDelta(
+            version=new.version,
+            parent_version=current.version,
+            bundle=self.tb.bundle_digest,
+            strategy=self.strategy.name,
+            created_at=now,
+            rank=self.tb.manifest.lora.rank,
+            alpha=self.tb.manifest.lora.alpha,
+            quantization=self._broadcaster.quantization,
+            digest=step.digest,
+            wire=step.wire,
+        )
+        self._delta_bytes = len(protocol.encode_global_delta(delta, self.cfg.wire_codec))
+        return dataclasses.replace(new, tensors=step.published)
 
     def _schedule_poll(self, now: float) -> None:
         if not self._poll_pending and not self._done and self.strategy.pending():
@@ -489,7 +548,11 @@ class Simulation:
         if state.version > 0:
             self._log(Event(now, "aggregate", version=state.version, staleness=max_tau, bytes=nbytes))
         for dev in self.devices.values():
-            if not dev.stopped:
+            if dev.stopped:
+                continue
+            if self._broadcaster is not None and state.version > 0:
+                self._send_current(dev, now, snapshot=False)
+            else:
                 self._send(dev, now + self.cfg.timing.download_s(dev.device.profile, nbytes), state.version, nbytes)
         self._prune()
         if state.version % self.cfg.eval_every == 0 and now - self._last_eval_at >= self.cfg.eval_interval_s:

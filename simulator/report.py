@@ -172,6 +172,7 @@ def markdown(
         f"- wire: {simulation.wire_quantization} update factors"
         + (f" of rank {simulation.delta_rank}" if simulation.delta_rank else "")
         + ("" if simulation.wire_codec == "none" else f", {simulation.wire_codec}d")
+        + ("" if simulation.downlink == "snapshot" else f"; downlink {simulation.downlink} deltas")
         + f"; optimizer moments reset every {simulation.optimizer}; seed {simulation.seed}",
         "",
         "## Results",
