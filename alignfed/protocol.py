@@ -427,10 +427,17 @@ def _dequantize(lid: str, p: Mapping[str, np.ndarray], quantization: str) -> Fac
                 f"expected [{n}] (one per {what} of {part})"
             )
     if quantization == "int4c":
-        u = dequantize_rows4(p["u"], p["u_scale"]).T
-        return Factors(u=np.ascontiguousarray(u), v=dequantize_rows4(p["v"], p["v_scale"]))
+        u = _dequantize4(f"layer {_short(lid)}: u", p["u"], p["u_scale"]).T
+        return Factors(u=np.ascontiguousarray(u), v=_dequantize4(f"layer {_short(lid)}: v", p["v"], p["v_scale"]))
     u = dequantize_rows(p["u"].T, p["u_scale"]).T if per_column else dequantize_rows(p["u"], p["u_scale"])
     return Factors(u=np.ascontiguousarray(u), v=dequantize_rows(p["v"], p["v_scale"]))
+
+
+def _dequantize4(what: str, packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    try:
+        return dequantize_rows4(packed, scale)
+    except ValueError as exc:
+        raise ProtocolError(f"{what}: {exc}") from None
 
 
 def wire_roundtrip(f: Factors, quantization: str) -> Factors:
@@ -684,8 +691,10 @@ def dequantize_changes(wire: Mapping[str, np.ndarray], quantization: str) -> dic
                     f"tensor {_short(name)}.scale has shape {list(p['scale'].shape)}, "
                     f"expected [{p['q'].shape[0]}] float32"
                 )
-            deq = dequantize_rows4 if quantization == "int4c" else dequantize_rows
-            major = deq(p["q"], p["scale"])
+            if quantization == "int4c":
+                major = _dequantize4(f"tensor {_short(name)}.q", p["q"], p["scale"])
+            else:
+                major = dequantize_rows(p["q"], p["scale"])
         out[name] = np.ascontiguousarray(major.T if name.endswith(".B") else major)
     return out
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -280,6 +282,12 @@ def test_gap_and_tampering_ask_for_a_snapshot_and_the_chain_goes_on_from_it() ->
     wrong = {n: a.copy() for n, a in held.items()}
     wrong["lora.0.q.A"].view(np.uint32)[0, 0] ^= 1
     assert follow(1, wrong, chain[1][0]) == (Outcome.MISMATCH, None)
+    # a delta whose result is not finite is refused even when its digest is that result's
+    inf = {n: np.full_like(a, np.inf) for n, a in held.items()}
+    bad = replace(chain[1][0], quantization="fp32", wire=protocol.quantize_changes(inf, "fp32"))
+    bad = replace(bad, digest=protocol.adapter_digest(downlink.apply(held, bad.changes())))
+    with np.errstate(invalid="ignore"):
+        assert follow(1, held, bad) == (Outcome.MISMATCH, None)
     # the snapshot of v3 (what `global/adapter` retains), then v4 chains on it
     snapshot = protocol.decode_global(
         protocol.encode_global(protocol.GlobalAdapter(3, 2, "b" * 64, "fedbuff", 0.0, RANK, 8.0, chain[2][1])), 1 << 20
@@ -287,3 +295,33 @@ def test_gap_and_tampering_ask_for_a_snapshot_and_the_chain_goes_on_from_it() ->
     outcome, held = follow(snapshot.version, snapshot.tensors, chain[3][0])
     assert outcome is Outcome.APPLIED and held is not None
     assert protocol.adapter_digest(held) == protocol.adapter_digest(chain[3][1])
+
+
+def test_mutated_global_deltas_are_refused_or_never_applied_unless_their_digest_holds() -> None:
+    """Hostile deltas (truncated, bit-flipped, spliced, inflated, header-poked real payloads): the
+    decoder answers a ProtocolError with a one-line reason that one of its checks gave, and what
+    decodes is applied only when the digest of the result holds."""
+    from tests.fuzz.payloads import CASES, GUARD, corpus
+
+    rng = np.random.default_rng(12)
+    prev = _adapter(rng)
+    pool = []
+    for quant in ("int4c", "int8c"):
+        step = Broadcaster(quant).step(prev, _moved(rng, prev))
+        for codec in ("deflate", "none"):
+            pool.append(protocol.encode_global_delta(_delta(step, 1, quant), codec))
+    applied = refused = 0
+    for _how, payload in corpus(pool, CASES, seed=3):
+        try:
+            d = protocol.decode_global_delta(payload, 1 << 20)
+        except ProtocolError as exc:
+            reason = str(exc)
+            assert reason and "\n" not in reason and len(reason) < 1000 and not GUARD.match(reason), reason
+            refused += 1
+            continue
+        outcome, tensors = follow(0, prev, d)
+        assert outcome in (Outcome.APPLIED, Outcome.MISMATCH, Outcome.GAP, Outcome.OLD)
+        if outcome is Outcome.APPLIED:
+            assert tensors is not None and protocol.adapter_digest(tensors) == d.digest
+            applied += 1
+    assert refused > 0
