@@ -4,16 +4,16 @@ Publishing the full float32 adapter every version costs the raw LoRA size per de
 Instead the coordinator publishes, for each new version v, the quantized change from v − 1, and
 defines the published adapter P_v as exactly what a receiver reconstructs:
 
-    T_v = gauge(S_v → P_{v−1})                S_v: the strategy's new adapter
+    T_v = gauge(S_v → P_{v−1}) + e_{v−1}      S_v: the strategy's new adapter; e: the carry
     W_v = quantize(T_v − P_{v−1})             (protocol.quantize_changes, per rank component)
     P_v = P_{v−1} + dequantize(W_v)           float32, bit-exact on every receiver
+    e_v = T_v − P_v                           what the quantization lost, sent with the next version
 
-The change is taken from what was published, not from the previous target, so it is closed-loop:
-T_v − P_{v−1} = (T_v − T_{v−1}) + (T_{v−1} − P_{v−1}) already holds what the last quantization
-lost, and ‖T_v − P_v‖ stays one quantization's error instead of adding up over versions. (Unlike
-the uplink, the sender knows what the receivers hold, so no separate carry is needed: adding one
-would send that error twice.) Every device that applies the chain holds bit for bit what the
-coordinator holds; the message carries
+The coordinator aggregates onto what it published (S_v is made from P_{v−1}), so without the
+carry every version's quantization error would be lost for good and the federation would take a
+random walk of them; with it, P stays within one quantization's error of where exact
+publishing would have taken it (error feedback, as on the uplink). Every device that applies the
+chain holds bit for bit what the coordinator holds; the message carries
 `adapter_digest(P_v)` to prove it. P_v is the global version v: the coordinator stores, publishes
 and aggregates onto it.
 
@@ -81,26 +81,37 @@ def apply(base: Mapping[str, np.ndarray], changes: Mapping[str, np.ndarray]) -> 
 
 
 class Broadcaster:
-    """The coordinator's side: turns each new adapter into (P_v, wire, digest) (module docstring).
+    """The coordinator's side: turns each new adapter into (P_v, wire, digest), keeping the carry e.
 
-    Stateless but for the setting: P_{v−1} is the stored current version, so a restarted
-    coordinator goes on with the chain where it stopped.
+    `feedback=False` drops the quantization error instead of carrying it (the ablation). The carry
+    lives in memory: a restarted coordinator goes on with the chain from the stored P, having lost
+    at most one version's quantization error.
     """
 
-    def __init__(self, quantization: str) -> None:
+    def __init__(self, quantization: str, *, feedback: bool = True) -> None:
         if quantization not in protocol.DOWNLINK_QUANTIZATIONS:
             raise ValueError(
                 f"downlink: quantization {quantization!r}; expected one of {', '.join(protocol.DOWNLINK_QUANTIZATIONS)}"
             )
         self.quantization = quantization
+        self.feedback = feedback
+        self._carry: dict[str, np.ndarray] = {}
 
     def step(self, prev: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray]) -> Step:
         target = gauge(prev, new)
+        for name, e in self._carry.items():
+            if name in target:
+                target[name] = target[name] + e
         wire = protocol.quantize_changes(
             {n: target[n] - np.asarray(prev[n], np.float32) for n in target}, self.quantization
         )
         published = apply(prev, protocol.dequantize_changes(wire, self.quantization))
+        self._carry = {n: target[n] - published[n] for n in target} if self.feedback else {}
         return Step(published=published, wire=wire, digest=protocol.adapter_digest(published))
+
+    def carried_norm(self) -> float:
+        """‖e‖_F over all tensors: the change waiting to be published."""
+        return float(np.sqrt(sum(float(np.sum(np.square(e, dtype=np.float64))) for e in self._carry.values())))
 
 
 class Outcome(enum.Enum):
