@@ -28,6 +28,7 @@ class DeviceConfig:
     wire_codec: str = "deflate"  # envelope of each update: "deflate" | "none" (lossless)
     delta_rank: int = 0  # rank of the sent delta factors; 0 = exact (2r)
     delta_feedback: bool = True  # carry what compression drops into the next update (edge.uplink)
+    carry_rank: int = 0  # directions of that carry kept per layer; 0 = delta_rank's (or the delta's) rank
     # "delta": follow the coordinator's quantized version-to-version deltas, fetching the retained
     # snapshot only without a base or after a gap; "snapshot": receive the full adapter every version
     downlink: str = "delta"
@@ -46,7 +47,15 @@ _FIELDS = {
     "broker": Field("broker", Any, {}),
 }
 _BROKER = tomlfile.fields_of(BrokerConfig)
-_AT_LEAST = {"delta_rank": 0, "eval_examples": 0, "max_rounds": 0, "max_outbox": 1, "resend_after_s": 0.1, "seed": 0}
+_AT_LEAST = {
+    "delta_rank": 0,
+    "carry_rank": 0,
+    "eval_examples": 0,
+    "max_rounds": 0,
+    "max_outbox": 1,
+    "resend_after_s": 0.1,
+    "seed": 0,
+}
 
 
 def load(path: Path) -> DeviceConfig:

@@ -76,7 +76,9 @@ class EdgeDaemon:
             )
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(cfg.state_dir / "outbox")
-        self.uplink = Uplink(cfg.wire_quantization, cfg.delta_rank, feedback=cfg.delta_feedback)
+        self.uplink = Uplink(
+            cfg.wire_quantization, cfg.delta_rank, feedback=cfg.delta_feedback, carry_rank=cfg.carry_rank
+        )
         self._state_file = cfg.state_dir / "state.json"
         saved = json.loads(self._state_file.read_text()) if self._state_file.exists() else {}
         self._seq = int(saved.get("seq", 0))

@@ -18,7 +18,10 @@ devices. Per device:
   rest), from the newest global the device has received. Synchronous runs (`fedavg`): the device
   waits until it has received a version newer than the one it last trained on.
 - Every new global version is delivered to every online device after download time
-  (encoded size / downlink + latency) and evaluated on the held-out sets.
+  (encoded size / downlink + latency) and evaluated on the held-out sets. With a delta downlink
+  (`downlink` = int4c | int8c | fp32) the version is what devices rebuild from the chain
+  (alignfed.downlink), each device's messages land in order, and a device that misses one (back
+  from offline) gets the retained delta and, when it does not chain, the snapshot: both charged.
 - Availability: at each round start the device is online with probability `availability`
   (seeded per device); otherwise it stays offline for one round's training time, misses the
   versions published meanwhile, and fetches the retained newest version when it is back.
