@@ -30,9 +30,9 @@ def test_deltas_cost_a_fraction_of_snapshots_and_chain_version_by_version(testbe
     delta = _run(testbed, max_versions=8, downlink="int4c")
     assert delta.versions == snap.versions == 8
     assert delta.bytes_down < 0.5 * snap.bytes_down
-    snapshot_bytes = len(
-        protocol.encode_global(protocol.GlobalAdapter(0, -1, "b" * 64, "fedbuff", 0.0, 4, 8.0, delta.final.tensors))
-    )
+    assert delta.final is not None
+    final = protocol.GlobalAdapter(0, -1, "b" * 64, "fedbuff", 0.0, 4, 8.0, delta.final.tensors)
+    snapshot_bytes = len(protocol.encode_global(final))
     for device, receipts in _receipts(delta).items():
         versions = [v for v, _ in receipts]
         assert versions == sorted(set(versions)), device  # a chain: every version once, in order
