@@ -57,11 +57,12 @@ def gauge(prev: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray]) -> dict
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One published version: P_v, its wire tensors and its digest."""
+    """One published version: P_v, its wire tensors and its digest, and the carry e_v it leaves."""
 
     published: dict[str, np.ndarray]
     wire: dict[str, np.ndarray]
     digest: str
+    carry: dict[str, np.ndarray]
 
 
 def apply(base: Mapping[str, np.ndarray], changes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -98,6 +99,8 @@ class Broadcaster:
         self._carry: dict[str, np.ndarray] = {}
 
     def step(self, prev: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray]) -> Step:
+        """The next version from P_{v−1} = `prev` and the strategy's `new`; the carry moves on only
+        with `accept`, once the version is stored (a store that fails must not lose it)."""
         target = gauge(prev, new)
         for name, e in self._carry.items():
             if name in target:
@@ -106,8 +109,12 @@ class Broadcaster:
             {n: target[n] - np.asarray(prev[n], np.float32) for n in target}, self.quantization
         )
         published = apply(prev, protocol.dequantize_changes(wire, self.quantization))
-        self._carry = {n: target[n] - published[n] for n in target} if self.feedback else {}
-        return Step(published=published, wire=wire, digest=protocol.adapter_digest(published))
+        carry = {n: target[n] - published[n] for n in target} if self.feedback else {}
+        return Step(published=published, wire=wire, digest=protocol.adapter_digest(published), carry=carry)
+
+    def accept(self, step: Step) -> None:
+        """`step`'s version was stored and goes out: its carry is the one the next version adds."""
+        self._carry = step.carry
 
     def carried_norm(self) -> float:
         """‖e‖_F over all tensors: the change waiting to be published."""

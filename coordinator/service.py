@@ -19,7 +19,7 @@ from typing import Any
 from alignfed import manifest as mf
 from alignfed import protocol
 from alignfed.adapter import initial_adapter
-from alignfed.downlink import Broadcaster
+from alignfed.downlink import Broadcaster, Step
 from alignfed.errors import ConfigError, RejectedUpdate
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport
@@ -235,7 +235,7 @@ class Coordinator:
         started = time.perf_counter()
         result: Aggregation = self.strategy.aggregate(self.current, now)
         took = time.perf_counter() - started
-        state, delta = self._downlink(result.state, now)
+        state, delta, step = self._downlink(result.state, now)
         metrics = {**result.metrics, **self._fleet_metrics()}
         adapter = protocol.GlobalAdapter(
             version=result.state.version,
@@ -251,6 +251,8 @@ class Coordinator:
         encoded = protocol.encode_global(adapter)
         used = stored_keys({uid: (devices[uid], float(result.weights.get(uid, 0.0))) for uid in result.used})
         self.store.save_version(adapter, encoded, result.state.residual, used)
+        if self._broadcaster is not None and step is not None:
+            self._broadcaster.accept(step)
         self.current = state
         self._publishable = encoded
         self._publishable_delta = delta
@@ -261,10 +263,10 @@ class Coordinator:
         )
         return adapter
 
-    def _downlink(self, new: AdapterState, now: float) -> tuple[AdapterState, bytes | None]:
-        """The version devices reconstruct from the delta chain, and its delta message (None: snapshots only)."""
+    def _downlink(self, new: AdapterState, now: float) -> tuple[AdapterState, bytes | None, Step | None]:
+        """The version devices reconstruct from the delta chain, its delta message and step (None: snapshots only)."""
         if self._broadcaster is None:
-            return new, None
+            return new, None, None
         step = self._broadcaster.step(self.current.tensors, new.tensors)
         delta = protocol.GlobalDelta(
             version=new.version,
@@ -278,7 +280,7 @@ class Coordinator:
             digest=step.digest,
             wire=step.wire,
         )
-        return dataclasses.replace(new, tensors=step.published), protocol.encode_global_delta(delta)
+        return dataclasses.replace(new, tensors=step.published), protocol.encode_global_delta(delta), step
 
     # -- observer (the dashboard) ----------------------------------------------------------------
 

@@ -511,6 +511,7 @@ class Simulation:
         """P_v of the delta chain (alignfed.downlink) in place of the strategy's adapter; sizes its message."""
         assert self._broadcaster is not None
         step = self._broadcaster.step(current.tensors, new.tensors)
+        self._broadcaster.accept(step)
         delta = protocol.GlobalDelta(
             version=new.version,
             parent_version=current.version,

@@ -219,6 +219,7 @@ def test_a_follower_of_the_chain_holds_bit_for_bit_what_the_coordinator_publishe
     for v in range(1, 13):
         target = _moved(rng, target)
         step = cast.step(published, target)
+        cast.accept(step)
         published = step.published
         payload = protocol.encode_global_delta(_delta(step, v))
         outcome, tensors = follow(version, held, protocol.decode_global_delta(payload, 1 << 20))
@@ -245,14 +246,16 @@ def test_error_feedback_keeps_the_federation_where_exact_publishing_would_have_t
             exact = {n: a + drift[n] for n, a in exact.items()}
             # the strategy's new adapter is built on what was published, in its factors' gauge
             built = {n: a + drift[n] for n, a in downlink.gauge(exact, published).items()}
-            published = cast.step(published, built).published
+            step = cast.step(published, built)
+            cast.accept(step)
+            published = step.published
         # products: the gauge may rotate factors, never what they multiply to
         got, want = _products(published), _products(exact)
         errors[feedback] = float(np.sqrt(sum(np.sum((got[n] - want[n]) ** 2) for n in want)))
         assert (cast.carried_norm() > 0) == feedback
-    step = float(np.sqrt(sum(np.sum(d**2) for d in drift.values())))
+    size = float(np.sqrt(sum(np.sum(d**2) for d in drift.values())))
     assert errors[True] < 0.5 * errors[False]
-    assert errors[True] < step  # within one version's step of the exact trajectory, after 40
+    assert errors[True] < size  # within one version's step of the exact trajectory, after 40
 
 
 def _products(t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -269,6 +272,7 @@ def test_gap_and_tampering_ask_for_a_snapshot_and_the_chain_goes_on_from_it() ->
     for v in range(1, 5):
         target = _moved(rng, target)
         step = cast.step(published, target)
+        cast.accept(step)
         published = step.published
         chain.append(
             (protocol.decode_global_delta(protocol.encode_global_delta(_delta(step, v, "int8c")), 1 << 20), published)
@@ -326,3 +330,18 @@ def test_mutated_global_deltas_are_refused_or_never_applied_unless_their_digest_
             assert tensors is not None and protocol.adapter_digest(tensors) == d.digest
             applied += 1
     assert refused > 0
+
+
+def test_the_carry_moves_on_only_with_a_stored_version() -> None:
+    """A version whose store fails is made again: its carry must not have been taken yet."""
+    rng = np.random.default_rng(13)
+    prev = _adapter(rng)
+    cast = Broadcaster("int4c")
+    step = cast.step(prev, _moved(rng, prev))
+    assert cast.carried_norm() == 0.0
+    again = cast.step(prev, _moved(np.random.default_rng(13), prev))
+    assert sum(float(np.sum(c**2)) for c in step.carry.values()) > 0
+    cast.accept(again)
+    assert cast.carried_norm() == pytest.approx(
+        np.sqrt(sum(float(np.sum(c.astype(np.float64) ** 2)) for c in again.carry.values()))
+    )
