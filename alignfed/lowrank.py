@@ -257,3 +257,49 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale.astype(np.float32)[:, None]
+
+
+# 4-bit codes are symmetric in [−7, 7]; −8 never encodes a value and pads the last byte of a row of
+# odd length, so a receiver learns a row's length from the data alone (it holds no manifest).
+INT4_PAD = -8
+
+
+def quantize_rows4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 4-bit quantization per row, two codes a byte: x ≈ codes * scale[:, None].
+
+    x (n, m) → packed int8 (n, ⌈m/2⌉) (low nibble: even column, high nibble: odd column), scale (n,)
+    f32. A row of odd length ends in the code INT4_PAD.
+    """
+    x32 = np.asarray(x, dtype=np.float32)
+    n, m = x32.shape
+    peak = np.max(np.abs(x32), axis=1) if x32.size else np.zeros(n, np.float32)
+    scale = np.where(peak > 0, peak / 7.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(x32 / scale[:, None]), -7, 7).astype(np.int8)
+    if m % 2:
+        codes = np.concatenate([codes, np.full((n, 1), INT4_PAD, np.int8)], axis=1)
+    nibbles = codes.view(np.uint8) & 0x0F  # two's complement nibbles
+    packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return packed.view(np.int8), scale
+
+
+def unpack_rows4(packed: np.ndarray) -> np.ndarray:
+    """The int8 codes (n, m) of `quantize_rows4`'s packed rows; m is odd when every row ends in INT4_PAD.
+
+    Raises ValueError when the padding code appears anywhere else, or in some rows' last place only.
+    """
+    p = np.asarray(packed).view(np.uint8)
+    n, w = p.shape
+    codes = np.empty((n, 2 * w), dtype=np.uint8)
+    codes[:, 0::2] = p & 0x0F
+    codes[:, 1::2] = p >> 4
+    signed = ((codes.astype(np.int16) ^ 8) - 8).astype(np.int8)  # nibble → [−8, 7]
+    pad = signed == INT4_PAD
+    if n and w and pad[:, -1].all() and not pad[:, :-1].any():
+        return signed[:, :-1]
+    if pad.any():
+        raise ValueError("4-bit codes hold the padding code −8 in a place other than every row's last")
+    return signed
+
+
+def dequantize_rows4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return unpack_rows4(packed).astype(np.float32) * scale.astype(np.float32)[:, None]

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from alignfed.errors import ProtocolError
-from alignfed.lowrank import Factors, dequantize_rows, quantize_rows
+from alignfed.lowrank import Factors, dequantize_rows, dequantize_rows4, quantize_rows, quantize_rows4
 
 WIRE_VERSION = "1"
 MAX_HEADER_BYTES = 1 << 20
@@ -48,6 +48,7 @@ _DEFLATE_MAGIC = b"AFZ1"
 # transport sets at QoS 1, so their own messages go at QoS 1 too.
 DELIVERY: dict[str, tuple[int, bool]] = {
     "global/adapter": (1, True),
+    "global/delta": (1, True),
     "global/status": (1, True),
     "devices/{id}/update": (1, False),
     "devices/{id}/ack": (1, False),
@@ -288,7 +289,7 @@ class AdapterUpdate:
     """One device's contribution: the change of its adapter product since global `base_version`.
 
     `deltas[layer_id]` holds factors with delta = u @ v = s·(B_i A_i − B_v A_v), shape (out, in);
-    u: (out, k), v: (k, in), k ≤ 2r. `quantization` says how the factors travel ("fp32" | "int8" | "int8c").
+    u: (out, k), v: (k, in), k ≤ 2r. `quantization` says how the factors travel ("fp32" | "int8" | "int8c" | "int4c").
     `eval_loss`, measured before training, is what the federation's worst-device loss is made of.
     `rank` is the LoRA rank the device trained at (k ≤ r, its profile's cap; 0: not stated, i.e.
     the bundle's r): a capped device's delta is s·(B_i A_i − T_k(B_v A_v)), T_k the best rank-k
@@ -387,7 +388,7 @@ def _update_wire(update: AdapterUpdate, quantization: str) -> tuple[dict[str, st
     return meta, tensors
 
 
-QUANTIZATIONS = ("fp32", "int8", "int8c")
+QUANTIZATIONS = ("fp32", "int8", "int8c", "int4c")
 
 
 def _quantize(f: Factors, quantization: str) -> dict[str, np.ndarray]:
@@ -396,10 +397,17 @@ def _quantize(f: Factors, quantization: str) -> dict[str, np.ndarray]:
     "int8": one scale per row of u (out,) and of v (k,). "int8c": one scale per rank component,
     i.e. per column of u (k,) and per row of v (k,): u = U·sqrt(σ) has columns of very different
     size, and k scales cost 4k bytes where out scales cost 4·out (the same size as u's int8 data
-    at k = 4).
+    at k = 4). "int4c": as int8c with 4-bit codes packed two a byte (`lowrank.quantize_rows4`); u
+    travels transposed, as (k, ⌈out/2⌉) bytes.
     """
     if quantization == "fp32":
         return {"u": np.asarray(f.u, dtype=np.float32), "v": np.asarray(f.v, dtype=np.float32)}
+    if quantization == "int4c":
+        # 4 bits, one scale per rank component; u travels transposed, (k, ⌈out/2⌉) packed bytes, so
+        # both factors pack along their long side and every scale belongs to one packed row
+        qu, su = quantize_rows4(np.asarray(f.u).T)
+        qv, sv = quantize_rows4(f.v)
+        return {"u": qu, "u_scale": su, "v": qv, "v_scale": sv}
     if quantization == "int8":
         qu, su = quantize_rows(f.u)
     elif quantization == "int8c":
@@ -417,15 +425,25 @@ def _dequantize(lid: str, p: Mapping[str, np.ndarray], quantization: str) -> Fac
     if quantization not in QUANTIZATIONS:
         raise ProtocolError(f"unknown quantization {_short(quantization)}; expected one of {', '.join(QUANTIZATIONS)}")
     per_column = quantization == "int8c"
-    u_scales = p["u"].shape[1] if per_column else p["u"].shape[0]
+    u_scales = p["u"].shape[1] if per_column else p["u"].shape[0]  # int4c: u travels transposed
     for part, n, what in (("u", u_scales, "column" if per_column else "row"), ("v", p["v"].shape[0], "row")):
         if p[f"{part}_scale"].shape != (n,):
             raise ProtocolError(
                 f"layer {_short(lid)}: {part}_scale has shape {list(p[f'{part}_scale'].shape)}, "
                 f"expected [{n}] (one per {what} of {part})"
             )
+    if quantization == "int4c":
+        u = _dequantize4(f"layer {_short(lid)}: u", p["u"], p["u_scale"]).T
+        return Factors(u=np.ascontiguousarray(u), v=_dequantize4(f"layer {_short(lid)}: v", p["v"], p["v_scale"]))
     u = dequantize_rows(p["u"].T, p["u_scale"]).T if per_column else dequantize_rows(p["u"], p["u_scale"])
     return Factors(u=np.ascontiguousarray(u), v=dequantize_rows(p["v"], p["v_scale"]))
+
+
+def _dequantize4(what: str, packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    try:
+        return dequantize_rows4(packed, scale)
+    except ValueError as exc:
+        raise ProtocolError(f"{what}: {exc}") from None
 
 
 def wire_roundtrip(f: Factors, quantization: str) -> Factors:
@@ -587,3 +605,153 @@ def decode_status(payload: bytes) -> dict[str, Any]:
 
 def _asdict(ack: Ack) -> dict[str, Any]:
     return {name: getattr(ack, name) for name in Ack.__slots__}  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# downlink: version-to-version deltas of the global adapter
+
+DOWNLINK_QUANTIZATIONS = ("fp32", "int8c", "int4c")
+_DELTA_PARTS = ("q", "scale")
+
+
+def adapter_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of an adapter's float32 tensors: every name, shape and the raw bytes, in name order.
+
+    What a device must hold after applying a GlobalDelta; equal digests mean bit-equal adapters."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name], dtype="<f4")
+        h.update(f"\n{name}|{list(arr.shape)}\n".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalDelta:
+    """global_{version} − global_{parent_version}, quantized, plus the digest of the result.
+
+    `wire[f"{name}.q"]` (and `.scale` unless fp32) per canonical tensor `lora.{layer}.{module}.A|B`,
+    each held rank-major: A (r, in) as it is, B (out, r) transposed to (r, out), so every rank
+    component has its own scale, as in int8c/int4c updates. `digest` is `adapter_digest` of
+    global_{parent_version} + `changes()` in float32: a receiver that gets another digest holds
+    something else than the coordinator and must fetch a snapshot.
+    """
+
+    version: int
+    parent_version: int
+    bundle: str
+    strategy: str
+    created_at: float
+    rank: int
+    alpha: float
+    quantization: str
+    digest: str
+    wire: Mapping[str, np.ndarray]
+
+    def changes(self) -> dict[str, np.ndarray]:
+        """The float32 change of every tensor, in its own shape (A: (r, in), B: (out, r))."""
+        return dequantize_changes(self.wire, self.quantization)
+
+
+def quantize_changes(changes: Mapping[str, np.ndarray], quantization: str) -> dict[str, np.ndarray]:
+    """The wire tensors of a version-to-version change (see GlobalDelta)."""
+    if quantization not in DOWNLINK_QUANTIZATIONS:
+        raise ProtocolError(
+            f"unknown downlink quantization {_short(quantization)}; expected one of {', '.join(DOWNLINK_QUANTIZATIONS)}"
+        )
+    wire: dict[str, np.ndarray] = {}
+    for name, arr in changes.items():
+        major = np.asarray(arr, dtype=np.float32)
+        major = major.T if name.endswith(".B") else major  # (r, out) / (r, in)
+        if quantization == "fp32":
+            wire[f"{name}.q"] = np.ascontiguousarray(major)
+            continue
+        q, s = quantize_rows4(major) if quantization == "int4c" else quantize_rows(major)
+        wire[f"{name}.q"], wire[f"{name}.scale"] = q, s
+    return wire
+
+
+def dequantize_changes(wire: Mapping[str, np.ndarray], quantization: str) -> dict[str, np.ndarray]:
+    """Inverse of `quantize_changes` up to the quantization error; checks names, dtypes and shapes."""
+    if quantization not in DOWNLINK_QUANTIZATIONS:
+        raise ProtocolError(
+            f"unknown downlink quantization {_short(quantization)}; expected one of {', '.join(DOWNLINK_QUANTIZATIONS)}"
+        )
+    names: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in wire.items():
+        name, _, part = key.rpartition(".")
+        if not name.endswith((".A", ".B")) or part not in _DELTA_PARTS or arr.ndim != (2 if part == "q" else 1):
+            raise ProtocolError(
+                f"unexpected tensor {_short(key)} with shape {list(arr.shape)}; expected <name>.A|B.q (2-D) "
+                "or <name>.A|B.scale (1-D)"
+            )
+        names.setdefault(name, {})[part] = arr
+    out: dict[str, np.ndarray] = {}
+    want = np.dtype("<f4") if quantization == "fp32" else np.dtype("i1")
+    for name, p in sorted(names.items()):
+        if "q" not in p or (quantization == "fp32") != ("scale" not in p):
+            raise ProtocolError(
+                f"tensor {_short(name)}: expected {name}.q" + ("" if quantization == "fp32" else " and .scale")
+            )
+        if p["q"].dtype != want:
+            raise ProtocolError(f"tensor {_short(name)}.q is {p['q'].dtype}, expected {want} for {quantization}")
+        if quantization == "fp32":
+            major = p["q"].astype(np.float32)
+        else:
+            if p["scale"].shape != (p["q"].shape[0],) or p["scale"].dtype != np.dtype("<f4"):
+                raise ProtocolError(
+                    f"tensor {_short(name)}.scale has shape {list(p['scale'].shape)}, "
+                    f"expected [{p['q'].shape[0]}] float32"
+                )
+            if quantization == "int4c":
+                major = _dequantize4(f"tensor {_short(name)}.q", p["q"], p["scale"])
+            else:
+                major = dequantize_rows(p["q"], p["scale"])
+        out[name] = np.ascontiguousarray(major.T if name.endswith(".B") else major)
+    return out
+
+
+def encode_global_delta(d: GlobalDelta, codec: str = "deflate") -> bytes:
+    meta = {
+        "type": "global_delta",
+        "wire": WIRE_VERSION,
+        "version": str(d.version),
+        "parent_version": str(d.parent_version),
+        "bundle": d.bundle,
+        "strategy": d.strategy,
+        "created_at": repr(float(d.created_at)),
+        "rank": str(d.rank),
+        "alpha": repr(float(d.alpha)),
+        "quantization": d.quantization,
+        "digest": d.digest,
+    }
+    return pack(d.wire, meta, codec)
+
+
+@_decoder("global delta")
+def decode_global_delta(payload: bytes, max_bytes: int) -> GlobalDelta:
+    tensors, meta = unpack(payload, max_bytes)
+    if meta.get("type") != "global_delta":
+        raise ProtocolError(f"message type is {_short(meta.get('type'))}, expected 'global_delta'")
+    if meta.get("wire") != WIRE_VERSION:
+        raise ProtocolError(f"wire version {_short(meta.get('wire'))}, expected {WIRE_VERSION!r}")
+    version, parent = _field(meta, "version", int), _field(meta, "parent_version", int)
+    if parent >= version:
+        raise ProtocolError(f"global delta: parent_version {parent} is not below version {version}")
+    digest = _field(meta, "digest", str)
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ProtocolError(f"global delta: digest {_short(digest)} is not 64 lower-case hex digits")
+    quant = _field(meta, "quantization", str)
+    dequantize_changes(tensors, quant)  # names, dtypes and shapes are checked before anyone applies it
+    return GlobalDelta(
+        version=version,
+        parent_version=parent,
+        bundle=_field(meta, "bundle", str),
+        strategy=_field(meta, "strategy", str),
+        created_at=_field(meta, "created_at", float),
+        rank=_field(meta, "rank", int),
+        alpha=_field(meta, "alpha", float),
+        quantization=quant,
+        digest=digest,
+        wire=tensors,
+    )

@@ -36,6 +36,11 @@ class Topics:
         return f"{self.root}/global/adapter"
 
     @property
+    def global_delta(self) -> str:
+        """The newest version as a quantized delta of the one before (retained; alignfed.downlink)."""
+        return f"{self.root}/global/delta"
+
+    @property
     def global_status(self) -> str:
         return f"{self.root}/global/status"
 

@@ -179,6 +179,12 @@ class Transport:
         if self.connected.is_set():
             self._client.subscribe(topic, qos)
 
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic, None)
+        if self.connected.is_set():
+            self._client.unsubscribe(topic)
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 10.0) -> bool:
         """Publish and wait for the broker's acknowledgement; False if it did not come in time."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignfed import tomlfile
+from alignfed import protocol, tomlfile
 from alignfed.errors import ConfigError
 from alignfed.tomlfile import Field, check_table, subtable
 from alignfed.topics import check_id
@@ -24,6 +24,7 @@ _TOP = {
     "bundle": Field("bundle", str),
     "database": Field("database", str, "coordinator.sqlite"),
     "client_id": Field("client_id", str, "alignfed-coordinator"),
+    "downlink": Field("downlink", str, "int4c"),
     **{name: Field(name, Any, {}) for name in ("broker", "strategy", "ingest", "calibration", "dashboard")},
 }
 _BROKER = tomlfile.fields_of(BrokerConfig)
@@ -40,6 +41,9 @@ class CoordinatorConfig:
     strategy_options: dict[str, Any] = field(default_factory=dict)
     limits: IngestLimits = field(default_factory=IngestLimits)
     client_id: str = "alignfed-coordinator"
+    # new versions also go out as deltas quantized so (alignfed.downlink): "int4c" | "int8c" | "fp32";
+    # "snapshot": only the full adapter, as before deltas existed
+    downlink: str = "int4c"
     calibration_data: Path | None = None  # JSONL/text for the alignment mini-batch (alignfed strategy)
     calibration_tokens: int = 256
     source: str = "coordinator config"  # the file it was read from, for error messages
@@ -58,6 +62,13 @@ def strategy_options(raw: dict[str, Any], source: str | Path, *, complete: bool 
         raise ConfigError(f"{source}: [strategy].name = {name!r}; expected one of {', '.join(strategies.NAMES)}")
     spec = tomlfile.fields_of(strategies.strategy_class(name))
     return name, check_table(options, spec, source=source, table="strategy", complete=complete)
+
+
+def _downlink(value: str, source: str | Path) -> str:
+    choices = ("snapshot", *protocol.DOWNLINK_QUANTIZATIONS)
+    if value not in choices:
+        raise ConfigError(f"{source}: downlink = {value!r}; expected one of {', '.join(choices)}")
+    return value
 
 
 def _database(value: str, rel: Any) -> Path | str:
@@ -91,6 +102,7 @@ def load(path: Path) -> CoordinatorConfig:
         strategy_options=options,
         limits=IngestLimits(**limits),
         client_id=top.get("client_id", "alignfed-coordinator"),
+        downlink=_downlink(top.get("downlink", "int4c"), path),
         calibration_data=rel(calib["data"]) if calib.get("data") else None,
         calibration_tokens=calib.get("tokens", 256),
         source=str(path),

@@ -18,6 +18,7 @@ versions as functions, and stores a `NewVersion` wherever it keeps versions befo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import numpy as np
 
 from alignfed import manifest as mf
 from alignfed import protocol
+from alignfed.downlink import Broadcaster, Step
 from alignfed.manifest import Manifest
 from coordinator import ingest
 from coordinator.ingest import IngestLimits
@@ -201,3 +203,34 @@ class Core:
                 f"but the current version is {self.current.version}"
             )
         self.current = version.state
+
+
+def broadcast(
+    new: NewVersion, broadcaster: Broadcaster, now: float, codec: str = "deflate"
+) -> tuple[NewVersion, bytes, Step]:
+    """`new` as devices rebuild it from the delta chain (`alignfed.downlink`: the previous version plus
+    the quantized change, digest-checked), its delta message, and the step the broadcaster must
+    `accept` once the version is stored. The rebuilt adapter is what is stored, published and
+    aggregated onto next, so every device following the chain holds the coordinator's exact bits."""
+    step = broadcaster.step(new.parent.tensors, new.state.tensors)
+    a = new.adapter
+    delta = protocol.GlobalDelta(
+        version=a.version,
+        parent_version=a.parent_version,
+        bundle=a.bundle,
+        strategy=a.strategy,
+        created_at=now,
+        rank=a.rank,
+        alpha=a.alpha,
+        quantization=broadcaster.quantization,
+        digest=step.digest,
+        wire=step.wire,
+    )
+    adapter = dataclasses.replace(a, tensors=step.published)
+    published = dataclasses.replace(
+        new,
+        adapter=adapter,
+        encoded=protocol.encode_global(adapter),
+        state=dataclasses.replace(new.state, tensors=step.published),
+    )
+    return published, protocol.encode_global_delta(delta, codec), step

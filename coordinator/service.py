@@ -18,13 +18,14 @@ from typing import Any
 from alignfed import manifest as mf
 from alignfed import protocol
 from alignfed.adapter import initial_adapter
+from alignfed.downlink import Broadcaster, Step
 from alignfed.errors import ConfigError, RejectedUpdate
 from alignfed.topics import Topics
 from alignfed.transport import Message, Transport
 from coordinator import strategies
 from coordinator.backend import open_store
 from coordinator.config import CoordinatorConfig, strategy_options
-from coordinator.core import Core, Intake, NewVersion, make_adapter
+from coordinator.core import Core, Intake, NewVersion, broadcast, make_adapter
 from coordinator.fairness import jain_index
 from coordinator.storage import CoordinatorStore
 from coordinator.strategies.base import AdapterState, Strategy
@@ -71,6 +72,9 @@ class Coordinator:
             self._publishable = self._create_version_zero()
         else:
             self._publishable = self.store.version(latest)[0]
+        # Versions also go out as quantized deltas of the one before (alignfed.downlink); None: snapshots only
+        self._broadcaster = Broadcaster(cfg.downlink) if cfg.downlink != "snapshot" else None
+        self._publishable_delta: bytes | None = None  # the newest version's delta, retained on global/delta
         self._options: dict[str, Any] | None = None
         if isinstance(strategy, Strategy):
             self._build: Callable[[], Strategy] = self._from_config
@@ -226,16 +230,27 @@ class Coordinator:
         new: NewVersion | None = self.core.next_version(now, self._fleet_metrics)
         if new is None:
             return None
+        new, delta, step = self._downlink(new, now)
         adapter = new.adapter
         used = stored_keys({f.update.update_id: (f.update.device_id, f.weight) for f in new.folded})
         self.store.save_version(adapter, new.encoded, new.state.residual, used)
+        if self._broadcaster is not None and step is not None:
+            self._broadcaster.accept(step)  # the carry moves on only once the version is stored
         self.core.advance(new)
         self._publishable = new.encoded
+        self._publishable_delta = delta
         self.last_metrics = dict(adapter.metrics)
         log.info("version %d from %d updates", adapter.version, len(new.folded))
         devices = tuple(f.update.device_id for f in new.folded)
         self._emit_version(adapter, devices, new.took_s, now, new.timings.get("alignment"))
         return adapter
+
+    def _downlink(self, new: NewVersion, now: float) -> tuple[NewVersion, bytes | None, Step | None]:
+        """The version as devices rebuild it from the delta chain, its delta and step (`core.broadcast`);
+        unchanged and None with snapshots only."""
+        if self._broadcaster is None:
+            return new, None, None
+        return broadcast(new, self._broadcaster, now)
 
     # -- observer (the dashboard) ----------------------------------------------------------------
 
@@ -398,6 +413,11 @@ class Coordinator:
     def publish_global(self) -> None:
         assert self.transport is not None
         self.transport.publish(self.topics.global_adapter, self._publishable, retain=True, timeout=60)
+        if self._publishable_delta is not None:  # after the snapshot: a device that fetched it can chain on
+            qos, retain = protocol.DELIVERY["global/delta"]
+            self.transport.publish(
+                self.topics.global_delta, self._publishable_delta, qos=qos, retain=retain, timeout=60
+            )
         self.transport.publish(self.topics.global_status, protocol.encode_status(self.status()), retain=True)
 
     def run(self, stop: threading.Event, *, connect_timeout: float = 30.0) -> None:

@@ -28,6 +28,10 @@ class DeviceConfig:
     wire_codec: str = "deflate"  # envelope of each update: "deflate" | "none" (lossless)
     delta_rank: int = 0  # rank of the sent delta factors; 0 = exact (2r)
     delta_feedback: bool = True  # carry what compression drops into the next update (edge.uplink)
+    carry_rank: int = 0  # directions of that carry kept per layer; 0 = delta_rank's (or the delta's) rank
+    # "delta": follow the coordinator's quantized version-to-version deltas, fetching the retained
+    # snapshot only without a base or after a gap; "snapshot": receive the full adapter every version
+    downlink: str = "delta"
     eval_examples: int = 4  # examples held out of training to measure each received global adapter; 0 = none
     max_rounds: int = 0  # stop after this many published updates; 0 = run forever
     max_outbox: int = 64  # pause training while this many updates await an ack
@@ -43,7 +47,15 @@ _FIELDS = {
     "broker": Field("broker", Any, {}),
 }
 _BROKER = tomlfile.fields_of(BrokerConfig)
-_AT_LEAST = {"delta_rank": 0, "eval_examples": 0, "max_rounds": 0, "max_outbox": 1, "resend_after_s": 0.1, "seed": 0}
+_AT_LEAST = {
+    "delta_rank": 0,
+    "carry_rank": 0,
+    "eval_examples": 0,
+    "max_rounds": 0,
+    "max_outbox": 1,
+    "resend_after_s": 0.1,
+    "seed": 0,
+}
 
 
 def load(path: Path) -> DeviceConfig:
@@ -72,6 +84,8 @@ def load(path: Path) -> DeviceConfig:
     codec = values.get("wire_codec", "deflate")
     if codec not in protocol.CODECS:
         raise ConfigError(f"{path}: wire_codec = {codec!r}; expected one of {', '.join(protocol.CODECS)}")
+    if values.get("downlink", "delta") not in ("delta", "snapshot"):
+        raise ConfigError(f"{path}: downlink = {values['downlink']!r}; expected 'delta' or 'snapshot'")
     loaded = {name: values.pop(name) for name in ("bundle", "data", "state_dir", "profile", "key", "broker")
               if name in values}  # fmt: skip
     device_id = check_id(values.pop("device_id"), "device id")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from alignfed import atomic, protocol
+from alignfed import atomic, downlink, protocol
 from alignfed import manifest as mf
 from alignfed.adapter import compute_deltas, truncate
 from alignfed.errors import AlignFedError, ProtocolError, TrainingError
@@ -55,6 +55,9 @@ class DeviceStats:
     rejected: int = 0
     losses: list[float] = field(default_factory=list)
     versions_seen: list[int] = field(default_factory=list)
+    deltas: int = 0  # versions reconstructed from a global delta
+    snapshots: int = 0  # versions taken from a full snapshot
+    fallbacks: int = 0  # deltas that did not chain or whose digest did not match: a snapshot was fetched
 
 
 class EdgeDaemon:
@@ -79,6 +82,7 @@ class EdgeDaemon:
             cfg.wire_quantization,
             capped_delta_rank(cfg.delta_rank, self.rank, self.manifest.lora.rank),
             feedback=cfg.delta_feedback,
+            carry_rank=cfg.carry_rank,
         )
         self._state_file = cfg.state_dir / "state.json"
         saved = json.loads(self._state_file.read_text()) if self._state_file.exists() else {}
@@ -116,6 +120,7 @@ class EdgeDaemon:
             will=(self.topics.device_status(cfg.device_id), protocol.encode_status({"state": "offline"})),
         )
         self._sent_at: dict[str, float] = {}
+        self._snapshots = False  # subscribed to the retained snapshot topic
 
     def _make_trainer(self) -> Trainer:
         p = self.cfg.profile
@@ -193,6 +198,8 @@ class EdgeDaemon:
             try:
                 if msg.topic == self.topics.global_adapter:
                     self._on_global(msg.payload)
+                elif msg.topic == self.topics.global_delta:
+                    self._on_delta(msg.payload)
                 elif msg.topic == self.topics.ack(self.cfg.device_id):
                     self._on_ack(msg.payload)
             except Exception as exc:  # a device never dies of a message (issue 10): one line, go on
@@ -219,7 +226,48 @@ class EdgeDaemon:
         if self.global_adapter is None or g.version > self.global_adapter.version:
             self._save_global(payload, g)
             self.stats.versions_seen.append(g.version)
+            self.stats.snapshots += 1
             log.info("%s: global adapter v%d", self.cfg.device_id, g.version)
+        if self.cfg.downlink == "delta":  # the retained snapshot is the newest: from here deltas chain on
+            self._want_snapshots(False)
+
+    def _want_snapshots(self, want: bool) -> None:
+        """(Un)subscribe the retained full adapter; subscribing delivers it at once (MQTT retained)."""
+        if want != self._snapshots:
+            self._snapshots = want
+            (self.transport.subscribe if want else self.transport.unsubscribe)(self.topics.global_adapter)
+
+    def _on_delta(self, payload: bytes) -> None:
+        """Apply a version-to-version delta if it chains on what this device holds and the result's
+        digest matches; otherwise fetch the snapshot. A device never trains on an adapter the
+        coordinator does not hold."""
+        try:
+            d = protocol.decode_global_delta(payload, MAX_GLOBAL_BYTES)
+        except ProtocolError as exc:
+            log.error("ignoring malformed global delta (keeping v%s): %s", self._version(), exc)
+            return
+        if d.bundle != self.bundle:
+            log.error(
+                "global delta v%d is for bundle %s…, this device has %s…", d.version, d.bundle[:12], self.bundle[:12]
+            )
+            return
+        g = self.global_adapter
+        outcome, tensors = downlink.follow(self._version(), g.tensors if g else None, d)
+        if outcome is downlink.Outcome.APPLIED and tensors is not None:
+            new = protocol.GlobalAdapter(
+                d.version, d.parent_version, d.bundle, d.strategy, d.created_at, d.rank, d.alpha, tensors
+            )
+            self._save_global(protocol.encode_global(new), new)
+            self.stats.versions_seen.append(d.version)
+            self.stats.deltas += 1
+            log.info("%s: global adapter v%d (delta)", self.cfg.device_id, d.version)
+        elif outcome is not downlink.Outcome.OLD:
+            log.warning(
+                "%s: global delta v%d→v%d does not apply to v%s (%s): fetching the snapshot",
+                self.cfg.device_id, d.parent_version, d.version, self._version(), outcome.value,
+            )  # fmt: skip
+            self.stats.fallbacks += 1
+            self._want_snapshots(True)
 
     def _version(self) -> int | None:
         return self.global_adapter.version if self.global_adapter else None
@@ -335,9 +383,18 @@ class EdgeDaemon:
             len(payload),
         )
 
-    def run(self, *, drain_timeout: float = 60.0) -> DeviceStats:
-        self.transport.subscribe(self.topics.global_adapter)
+    def subscribe(self) -> None:
+        """The topics this device listens to (before `transport.start`; kept across reconnects)."""
+        if self.cfg.downlink == "delta":
+            self.transport.subscribe(self.topics.global_delta)
+        # snapshots: always in "snapshot" mode; in "delta" mode only without a base. A device that
+        # holds one gets the retained newest delta on subscribing: it chains, is old, or shows a gap
+        # (and the snapshot is fetched then), so what was missed while down is caught up either way.
+        self._want_snapshots(self.cfg.downlink == "snapshot" or self.global_adapter is None)
         self.transport.subscribe(self.topics.ack(self.cfg.device_id))
+
+    def run(self, *, drain_timeout: float = 60.0) -> DeviceStats:
+        self.subscribe()
         self.transport.start(wait=None)  # outages at boot are fine: paho keeps trying
         try:
             self.phase = Phase.SYNC

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignfed.protocol import CODECS, QUANTIZATIONS
+from alignfed.protocol import CODECS, DOWNLINK_QUANTIZATIONS, QUANTIZATIONS
 from coordinator.ingest import IngestLimits
 from simulator.timing import DEFAULT_STEP_S
 from simulator.variants import VARIANT_NAMES, select_variants
@@ -149,7 +149,8 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--wire",
         choices=list(QUANTIZATIONS),
         default="int8c",
-        help="update factor encoding: int8c (one scale per rank component, default), int8 (per row), fp32",
+        help="update factor encoding: int8c (one scale per rank component, default), int4c (the same in 4 bits), "
+        "int8 (per row), fp32",
     )
     t.add_argument(
         "--codec",
@@ -158,6 +159,16 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="envelope of each update: deflate (lossless, default) or none (plain safetensors)",
     )
     t.add_argument("--delta-rank", type=int, default=0, help="rank of sent delta factors (0 = exact 2r)")
+    t.add_argument(
+        "--carry-rank", type=int, default=0, help="rank of the devices' error-feedback carry (0 = sent rank)"
+    )
+    t.add_argument(
+        "--downlink",
+        choices=["snapshot", *DOWNLINK_QUANTIZATIONS],
+        default="snapshot",
+        help="new versions reach devices as full float32 snapshots (default) or as version-to-version deltas "
+        "quantized int4c / int8c / fp32, with a snapshot when a device misses one",
+    )
     t.add_argument(
         "--no-delta-feedback",
         action="store_true",
@@ -282,6 +293,8 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
         wire_codec=args.codec,
         delta_rank=args.delta_rank,
         delta_feedback=not args.no_delta_feedback,
+        carry_rank=args.carry_rank,
+        downlink=args.downlink,
         optimizer=args.optimizer,
         eval_every=args.eval_every,
         eval_interval_s=args.eval_interval,

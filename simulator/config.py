@@ -25,6 +25,10 @@ class SimulationConfig:
     wire_codec: str = "deflate"  # envelope of each update: "deflate" | "none" (lossless)
     delta_rank: int = 0  # rank of the sent delta factors; 0 = exact (2r)
     delta_feedback: bool = True  # devices carry what compression drops into their next update
+    carry_rank: int = 0  # rank of that carry per layer; 0 = the sent rank
+    # how new versions reach devices: "snapshot" (the full float32 adapter every version) or the
+    # quantization of version-to-version deltas ("int4c" | "int8c" | "fp32"; alignfed.downlink)
+    downlink: str = "snapshot"
     poll_s: float = 1.0  # re-check `ready` this often while updates are buffered
     optimizer: OptimizerScope = "round"  # AdamW moments: fresh every round, or kept per device
     eval_every: int = 1  # evaluate every n-th version (and always the last)
@@ -52,8 +56,15 @@ class SimulationConfig:
             raise ConfigError(
                 f"simulation: wire_codec must be one of {', '.join(protocol.CODECS)}, got {self.wire_codec!r}"
             )
-        if self.delta_rank < 0:
-            raise ConfigError(f"simulation: delta_rank must be ≥ 0, got {self.delta_rank}")
+        if self.delta_rank < 0 or self.carry_rank < 0:
+            raise ConfigError(
+                f"simulation: delta_rank and carry_rank must be ≥ 0, got {self.delta_rank}, {self.carry_rank}"
+            )
+        if self.downlink not in ("snapshot", *protocol.DOWNLINK_QUANTIZATIONS):
+            raise ConfigError(
+                f"simulation: downlink must be 'snapshot' or one of {', '.join(protocol.DOWNLINK_QUANTIZATIONS)}, "
+                f"got {self.downlink!r}"
+            )
         if not self.poll_s > 0:
             raise ConfigError(f"simulation: poll_s must be > 0 seconds, got {self.poll_s}")
         if self.optimizer not in ("round", "device"):

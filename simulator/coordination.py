@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from functools import partial
 
+from alignfed.downlink import Broadcaster
 from alignfed.errors import RejectedUpdate
-from coordinator.core import Core, Intake, NewVersion
+from coordinator.core import Core, Intake, NewVersion, broadcast
 from coordinator.strategies.base import AdapterState, Strategy
 from simulator.accounting import Ledger
 from simulator.clock import EventQueue
@@ -23,8 +24,8 @@ from simulator.events import Event
 from simulator.testbed import Testbed
 from simulator.timeline import Arrive, Item, Poll
 
-# (new state, now, its encoded size, the largest staleness folded into it) -> None
-Publish = Callable[[AdapterState, float, int, int], None]
+# (new state, now, its encoded size, the largest staleness folded into it, its delta's size) -> None
+Publish = Callable[[AdapterState, float, int, int, int], None]
 
 
 class Coordination:
@@ -51,6 +52,8 @@ class Coordination:
             has_version=lambda v: 0 <= v <= self.core.current.version,
         )
         self.core = Core(intake, strategy, testbed.initial)
+        # a delta downlink: each version is what devices rebuild from the chain (coordinator.core.broadcast)
+        self.broadcaster = Broadcaster(config.downlink) if config.downlink != "snapshot" else None
         self.done = False  # max_versions reached
         self._poll_pending = False
 
@@ -94,8 +97,14 @@ class Coordination:
             residual = new.adapter.metrics.get("alignment_residual")
             if isinstance(residual, dict) and residual:
                 result.alignment.append({str(k): float(v) for k, v in residual.items()})
+            delta_bytes = 0
+            if self.broadcaster is not None:
+                new, delta, step = broadcast(new, self.broadcaster, now, self.cfg.wire_codec)
+                self.broadcaster.accept(step)
+                delta_bytes = len(delta)
             self.core.advance(new)
-            self.publish(new.state, now, len(new.encoded), max((new.staleness(f) for f in new.folded), default=0))
+            max_tau = max((new.staleness(f) for f in new.folded), default=0)
+            self.publish(new.state, now, len(new.encoded), max_tau, delta_bytes)
             if self.cfg.max_versions and version >= self.cfg.max_versions:
                 self.done = True
 

@@ -78,7 +78,9 @@ class Simulation:
         self.queue: EventQueue[Item] = EventQueue()
         self.result = RunResult(variant=variant, strategy=strategy.name, devices=[d.device_id for d in testbed.devices])
         self.ledger = Ledger(self.result, testbed.evaluator, config, accuracy=accuracy, on_event=on_event)
-        self.publisher = Publisher(self.history, self.queue, config.timing, self.ledger)
+        self.publisher = Publisher(
+            self.history, self.queue, config.timing, self.ledger, deltas=config.downlink != "snapshot"
+        )
         self.rounds = Rounds(
             testbed,
             config,
@@ -120,7 +122,7 @@ class Simulation:
             tensors=self.current.tensors,
             created_at=0.0,
         )
-        self._publish(self.current, 0.0, len(protocol.encode_global(initial)), 0)
+        self._publish(self.current, 0.0, len(protocol.encode_global(initial)), 0, 0)
         deadline = time.monotonic() + self.cfg.wall_limit_s if self.cfg.wall_limit_s else math.inf
         while not self.coordination.done:
             if time.monotonic() > deadline:
@@ -155,9 +157,9 @@ class Simulation:
         else:
             self.coordination.on_poll(now)
 
-    def _publish(self, state: AdapterState, now: float, nbytes: int, max_tau: int) -> None:
+    def _publish(self, state: AdapterState, now: float, nbytes: int, max_tau: int, delta_bytes: int) -> None:
         """Store a new version, send it to every device, keep only the versions still in use, evaluate it."""
-        self.publisher.publish(state, now, nbytes, self.rounds.recipients(), max_tau=max_tau)
+        self.publisher.publish(state, now, nbytes, self.rounds.recipients(), max_tau=max_tau, delta_bytes=delta_bytes)
         bases = [u.base_version for u in self.coordination.core.strategy.pending()]
         self.publisher.prune(self.current.version, self.rounds.held(), bases)
         self.ledger.published(state, now)

@@ -172,7 +172,9 @@ def markdown(
         + ("; duty cycle honoured" if t.duty_cycle else ""),
         f"- wire: {simulation.wire_quantization} update factors"
         + (f" of rank {simulation.delta_rank}" if simulation.delta_rank else "")
+        + (f" (carry rank {simulation.carry_rank})" if simulation.carry_rank else "")
         + ("" if simulation.wire_codec == "none" else f", {simulation.wire_codec}d")
+        + ("" if simulation.downlink == "snapshot" else f"; downlink {simulation.downlink} deltas")
         + f"; optimizer moments reset every {simulation.optimizer}; seed {simulation.seed}",
         "",
         "## Results",

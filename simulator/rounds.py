@@ -67,6 +67,7 @@ class DeviceState:
     rounds: int = 0
     stopped: bool = False  # its next round would end past the horizon
     attack: str | None = None  # a Byzantine device's attack (simulator.attacks)
+    fetching: bool = False  # delta downlink: a snapshot is on its way
 
 
 class Rounds:
@@ -114,6 +115,7 @@ class Rounds:
                     config.wire_quantization,
                     capped_delta_rank(config.delta_rank, self._rank(d.profile), testbed.manifest.lora.rank),
                     feedback=config.delta_feedback,
+                    carry_rank=config.carry_rank,
                 ),
                 moments=testbed.trainer.fresh_moments() if config.optimizer == "device" else None,
                 attack=self.byzantine.get(d.device_id),
@@ -142,6 +144,13 @@ class Rounds:
         if now < dev.offline_until:
             return  # offline: the message is missed; the retained newest is fetched on return
         self.ledger.result.bytes_down += item.nbytes
+        if item.parent >= 0 and item.parent != dev.received:  # a delta that does not chain: a gap
+            if item.version > dev.received and not dev.fetching:
+                dev.fetching = True  # the retained snapshot, charged like any message
+                self.publisher.send_newest(dev.device, now, snapshot=True)
+            return
+        if item.parent < 0:
+            dev.fetching = False
         if item.version > dev.received:
             dev.received = item.version
             self.ledger.log(Event(now, "receive", item.device, version=item.version, bytes=item.nbytes))
@@ -154,9 +163,8 @@ class Rounds:
         dev.offline_until = now
         if current > dev.received:
             dev.waiting = True  # SYNC: wait for the retained newest version
-            nbytes = self.publisher.global_bytes
-            at = now + self.cfg.timing.download_s(dev.device.profile, nbytes)
-            self.publisher.send(dev.device, at, current, nbytes)
+            dev.fetching = False  # a snapshot sent while it was away was missed; it subscribes anew
+            self.publisher.send_newest(dev.device, now, snapshot=False)
         else:
             self.try_start(device_id, now)
 

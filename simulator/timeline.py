@@ -12,6 +12,7 @@ class Deliver:
     device: str
     version: int
     nbytes: int
+    parent: int = -1  # a delta from this version; −1: a snapshot
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,6 +107,7 @@ def test_a_required_strategy_option_is_demanded_when_the_coordinator_starts(tmp_
         ({"ingest": {"max_delta_norm": -1}}, r"\[ingest\].max_delta_norm = -1.0; expected a value ≥ 0"),
         ({"calibration": {"tokens": "many"}}, r"\[calibration\].tokens = 'many'; expected an integer$"),
         ({"calibration": {"file": "c.jsonl"}}, r"unknown field \[calibration\].file; expected one of data, tokens$"),
+        ({"downlink": "int3"}, r"coordinator.toml: downlink = 'int3'; expected one of snapshot, fp32, int8c, int4c$"),
     ],
 )
 def test_coordinator_toml_fields_are_typed(tmp_path: Path, tables: dict[str, object], message: str) -> None:
@@ -119,11 +120,13 @@ def test_coordinator_toml_fields_are_typed(tmp_path: Path, tables: dict[str, obj
     [
         (
             {"max_round": 3},
-            r"device.toml: unknown field max_round; expected one of broker, bundle, data, delta_feedback",
+            r"device.toml: unknown field max_round; expected one of broker, bundle, carry_rank, data, delta_feedback",
         ),
         ({"delta_feedback": "yes"}, r"device.toml: delta_feedback = 'yes'; expected true or false$"),
         ({"max_rounds": 2.5}, r"device.toml: max_rounds = 2.5; expected an integer$"),
         ({"seed": -1}, r"device.toml: seed = -1; expected a value ≥ 0$"),
+        ({"carry_rank": -1}, r"device.toml: carry_rank = -1; expected a value ≥ 0$"),
+        ({"downlink": "deltas"}, r"device.toml: downlink = 'deltas'; expected 'delta' or 'snapshot'$"),
     ],
 )
 def test_device_toml_fields_are_typed(tmp_path: Path, extra: dict[str, object], message: str) -> None:

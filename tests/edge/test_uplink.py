@@ -23,7 +23,7 @@ def _received(sent: dict[str, Factors], quant: str) -> np.ndarray:
     return protocol.wire_roundtrip(sent["0.q"], quant).dense()
 
 
-@pytest.mark.parametrize("quant", ["fp32", "int8c"])
+@pytest.mark.parametrize("quant", ["fp32", "int8c", "int4c"])
 def test_feedback_telescopes_what_was_not_sent(quant: str) -> None:
     """Σ received + carry = Σ deltas: nothing the compression drops is lost (carry cap not hit)."""
     rng = np.random.default_rng(0)

@@ -31,5 +31,5 @@ def test_status_topics_match_the_last_will_they_carry() -> None:
 
 def test_every_topic_in_the_table_is_a_topic_of_the_code() -> None:
     t = Topics("f")
-    made = {t.global_adapter, t.global_status, t.update("{id}"), t.ack("{id}"), t.device_status("{id}")}
+    made = {t.global_adapter, t.global_delta, t.global_status, t.update("{id}"), t.ack("{id}"), t.device_status("{id}")}
     assert {f"{t.root}/{name}" for name in protocol.DELIVERY} == made

@@ -104,3 +104,21 @@ def test_byzantine_with_the_ingest_norm_bound_set_from_the_command_line(tiny_bun
     assert int(open_run["versions"]) == 2 and int(open_run["rejected"]) == 0
     (shut,) = simulate([*common, *attack, "--max-delta-norm", "1e-9", "--out", str(tmp_path / "shut")])
     assert int(shut["versions"]) == 0 and int(shut["rejected"]) > 0
+
+
+def test_uplink_and_downlink_codecs(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The codec experiment (docs/results.md §9): 4-bit updates of rank r/2 with a 2r carry and a
+    4-bit delta downlink against today's wire, the same seed and versions."""
+    common = ("--bundle", str(tiny_bundle), "--classes", "2", "--strategies", "fedbuff", "--horizon", "6")
+    today = simulate([*common, "--max-versions", "3", "--out", str(tmp_path / "today")])
+    small = simulate(
+        [
+            *common,
+            *("--max-versions", "3", "--wire", "int4c", "--delta-rank", "2", "--carry-rank", "8"),
+            *("--downlink", "int4c", "--out", str(tmp_path / "small")),
+        ]
+    )
+    assert int(small[0]["versions"]) == int(today[0]["versions"]) == 3
+    per_update = [int(r[0]["bytes_up"]) / int(r[0]["accepted"]) for r in (today, small)]
+    assert per_update[1] < per_update[0]
+    assert int(small[0]["bytes_down"]) < 0.5 * int(today[0]["bytes_down"])
