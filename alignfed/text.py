@@ -82,6 +82,13 @@ def windows(ids: list[int], seq_len: int) -> list[list[int]]:
     return [ids[s : s + seq_len] for s in range(0, len(ids), seq_len) if len(ids[s : s + seq_len]) >= 2]
 
 
+def split_indices(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held, rest): a seeded permutation of range(n), its first k indices and the others, both in
+    the permutation's order. The one draw behind every held-out split (a device's, a simulated domain's)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[:k], order[k:]
+
+
 def hold_out(texts: list[str], n: int, seed: int) -> tuple[list[str], list[str]]:
     """(training texts, held-out texts): n examples drawn (seeded) to measure global adapters on.
 
@@ -93,7 +100,7 @@ def hold_out(texts: list[str], n: int, seed: int) -> tuple[list[str], list[str]]
     k = min(n, len(distinct) // 5)
     if k <= 0:
         return list(texts), []
-    picked = np.random.default_rng(seed).choice(len(distinct), size=k, replace=False)
+    picked, _ = split_indices(len(distinct), k, seed)
     held = [distinct[i] for i in sorted(picked.tolist())]
     out = set(held)
     return [t for t in texts if t not in out], held

@@ -12,11 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from alignfed import corpora
 from alignfed.errors import ConfigError
-from alignfed.text import load_texts
+from alignfed.text import load_texts, split_indices
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +43,8 @@ def split(name: str, texts: Sequence[str], *, eval_examples: int, train_examples
             f"domain {name!r}: {len(texts)} examples, need more than eval_examples={eval_examples} "
             "(held out for evaluation); lower --eval-examples or bring more data"
         )
-    order = np.random.default_rng(seed).permutation(len(texts))
-    held = tuple(texts[int(i)] for i in order[:eval_examples])
-    rest = order[eval_examples:]
+    first, rest = split_indices(len(texts), eval_examples, seed)  # as a device's hold_out draws
+    held = tuple(texts[int(i)] for i in first)
     if train_examples > 0:
         rest = rest[:train_examples]
     return Domain(name=name, train=tuple(texts[int(i)] for i in rest), eval=held)

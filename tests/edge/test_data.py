@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alignfed.text import Batcher, hold_out, load_texts, windows
+from alignfed.text import Batcher, hold_out, load_texts, split_indices, windows
 
 
 def test_hold_out_is_seeded_disjoint_and_at_most_a_fifth() -> None:
@@ -71,3 +71,16 @@ def test_a_window_of_one_token_is_dropped() -> None:
     assert windows([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4]]
     assert windows([1, 2, 3, 4, 5, 6], 3) == [[1, 2, 3], [4, 5, 6]]
     assert windows([7], 4) == []
+
+
+def test_a_device_and_a_simulated_domain_hold_out_by_the_same_draw() -> None:
+    from simulator.domains import split
+
+    texts = [f"example {i}" for i in range(30)]
+    first, rest = split_indices(30, 5, seed=4)
+    assert sorted([*first.tolist(), *rest.tolist()]) == list(range(30))
+    _, held = hold_out(texts, 5, seed=4)  # 30 // 5 = 6 ≥ 5: all five drawn
+    assert held == [texts[i] for i in sorted(first.tolist())]
+    domain = split("d", texts, eval_examples=5, train_examples=0, seed=4)
+    assert list(domain.eval) == [texts[i] for i in first.tolist()]
+    assert list(domain.train) == [texts[i] for i in rest.tolist()]
