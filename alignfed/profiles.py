@@ -47,6 +47,9 @@ class DeviceProfile:
     # Lean training (torch backend): "int8" keeps the embedding table and the LM head int8 per row
     # (a quarter of float32; numbers then differ from the ORT backend's by that rounding).
     embedding: str = "fp32"
+    # Lean training: tokens per chunk of the LM head and loss; chunk × vocab floats exist three times
+    # over while it runs (logits, log-softmax, softmax), so a smaller chunk trades head passes for memory.
+    loss_chunk: int = 128
     # The largest base this device trains at its batch × seq_len within memory_mb, as measured by
     # benchmarks/bench_lean.py (BENCHMARKS.md); `flash` refuses bundles whose estimate exceeds memory_mb.
     largest_model: str = ""
@@ -70,6 +73,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "latency_ms": (0.0, 1e6),
     "availability": (0.0, 1.0),
     "max_rank": (0, 4096),
+    "loss_chunk": (8, 4096),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("x86_64", "aarch64"),

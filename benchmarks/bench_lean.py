@@ -9,6 +9,7 @@ backend's alone: `resource.getrusage(RUSAGE_SELF).ru_maxrss`, which includes loa
 - `lean`: the PyTorch trainer with the base kept int8 and the chunked loss (edge/torch_trainer.py);
 - `lean-ckpt`: the same with every decoder layer recomputed in backward (profile `checkpointing`);
 - `lean-ckpt-e8`: and the embedding / LM head int8 per row too (profile `embedding = "int8"`);
+- `lean-min`: and the loss in chunks of 32 tokens, not 128 (profile `loss_chunk = 32`);
 - `torch-fp32`: the PyTorch trainer as it was before the lean path (base dequantized to float32,
   whole logits), `TorchTrainer(lean=False)`.
 Children run under jemalloc, preloaded as a device's systemd unit does (edge/allocator.py);
@@ -52,7 +53,7 @@ from alignfed import manifest as mf  # noqa: E402
 from alignfed.text import Batch  # noqa: E402
 from edge.allocator import find_jemalloc  # noqa: E402
 
-BACKENDS = ("ort-int8", "lean", "lean-ckpt", "lean-ckpt-e8", "torch-fp32")
+BACKENDS = ("ort-int8", "lean", "lean-ckpt", "lean-ckpt-e8", "lean-min", "torch-fp32")
 MIN_AVAILABLE_KB = 2_500_000
 
 
@@ -70,6 +71,7 @@ def _trainer(backend: str, bundle: Path, m: mf.Manifest, threads: int) -> Any:
         "lean": {},
         "lean-ckpt": {"checkpoint": True},
         "lean-ckpt-e8": {"checkpoint": True, "embedding": "int8"},
+        "lean-min": {"checkpoint": True, "embedding": "int8", "loss_chunk": 32},
         "torch-fp32": {"lean": False},
     }[backend]
     return TorchTrainer(bundle, m, lr=1e-3, threads=threads, **opts)  # type: ignore[arg-type]

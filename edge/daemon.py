@@ -139,6 +139,7 @@ class EdgeDaemon:
                 accelerator=p.accelerator,
                 checkpoint=p.checkpointing == "layers",
                 embedding=p.embedding,
+                loss_chunk=p.loss_chunk,
             )
         raise TrainingError(f"profile {p.name!r} asks for trainer {p.trainer!r}; expected 'ort' or 'torch'")
 

@@ -71,12 +71,14 @@ def weight_bytes(a: mf.Architecture, quantization: str, *, embedding: str = "fp3
     return a.n_layers * layer + heads * table + 4 * a.hidden
 
 
-def activation_bytes(a: mf.Architecture, batch: int, seq_len: int, *, checkpoint: bool) -> int:
+def activation_bytes(
+    a: mf.Architecture, batch: int, seq_len: int, *, checkpoint: bool, loss_chunk: int = LOSS_CHUNK
+) -> int:
     """Bytes autograd keeps for one step, plus the chunked head's working set."""
     tokens = batch * seq_len
     per_layer = 4 * tokens * (8 * a.hidden + 4 * a.intermediate + a.n_heads * seq_len)
     kept = a.n_layers * 4 * tokens * a.hidden + per_layer if checkpoint else a.n_layers * per_layer
-    head = 3 * 4 * min(tokens, LOSS_CHUNK) * a.vocab + 4 * tokens * a.hidden
+    head = 3 * 4 * min(tokens, loss_chunk) * a.vocab + 4 * tokens * a.hidden
     dequantized = 2 * 4 * a.hidden * a.intermediate
     return kept + head + dequantized
 
@@ -98,7 +100,7 @@ def training_memory_mb(m: mf.Manifest, profile: DeviceProfile) -> float:
     lora = 4 * 4 * sum(r * c for r, c in m.lora_shapes().values())  # the adapter, its gradient, 2 moments
     if profile.trainer == "torch":
         need = weight_bytes(a, m.train_quantization, embedding=profile.embedding) + lora
-        need += activation_bytes(a, b, t, checkpoint=profile.checkpointing == "layers")
+        need += activation_bytes(a, b, t, checkpoint=profile.checkpointing == "layers", loss_chunk=profile.loss_chunk)
         return need / 2**20 + TORCH_OVERHEAD_MB
     dequantized = 4 * a.n_layers * sum(i * o for i, o in _projections(a)) if m.train_quantization == "int8" else 0
     need = weight_bytes(a, m.train_quantization) + dequantized + lora + ort_activation_bytes(a, b, t)

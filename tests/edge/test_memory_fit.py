@@ -90,3 +90,15 @@ def test_an_int8_embedding_quarters_the_table_in_the_estimate(tiny_bundle: Path)
     board = dataclasses.replace(load_profile("rpi4-4gb"), memory_mb=1024)
     with pytest.raises(ConfigError, match='or embedding = "int8"'):  # the refusal names the option
         check_fits(_as_1b(mf.load(tiny_bundle)), board, tiny_bundle)
+
+
+def test_a_smaller_loss_chunk_is_estimated_and_validated(tiny_bundle: Path) -> None:
+    m = _as_1b(mf.load(tiny_bundle))
+    board = load_profile("rpi4-4gb")
+    small = dataclasses.replace(board, loss_chunk=32)
+    saved = training_memory_mb(m, board) - training_memory_mb(m, small)
+    assert saved * 2**20 == pytest.approx(3 * 4 * (128 - 32) * m.architecture.vocab)  # logits, log-softmax, softmax
+    raw = {f.name: getattr(board, f.name) for f in dataclasses.fields(board)}
+    assert parse_profile({**raw, "loss_chunk": 32}, "p.toml").loss_chunk == 32
+    with pytest.raises(ConfigError, match="loss_chunk = 4; expected 8"):
+        parse_profile({**raw, "loss_chunk": 4}, "p.toml")
