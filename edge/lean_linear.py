@@ -7,7 +7,8 @@ exists only while that layer computes:
 
 - forward: y = x @ w, then w is dropped; autograd saves only `q_t` and `scale` (references to the
   tensors the trainer holds anyway, so nothing new) — not x, since the base needs no weight gradient;
-- backward: w is rebuilt from `q_t` and `scale` and dx = dy @ wᵀ.
+- backward: dx = dy @ wᵀ, computed as (dy · scale) @ float(q_t)ᵀ — the scale applied to the
+  (tokens × out) gradient instead of to the (in × out) weight, one weight-sized pass less.
 
 Dequantizing before the matmul (rather than scaling its output) keeps the ORT graph's order of
 operations, so the lean trainer computes the same numbers as the ORT backend (up to the matmul's
@@ -105,13 +106,16 @@ class _Int8MatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(q_t, scale)  # int8 + (out,): the dequantized weight is not kept
-        return x @ q_t.to(torch.float32).mul_(scale)  # (..., in) @ (in, out); one temporary, scaled in place
+        return x @ q_t.to(torch.float32).mul_(scale)  # (..., in) @ (in, out), ORT's order: dequantize, then multiply
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         q_t, scale = ctx.saved_tensors
-        dx = dy @ q_t.to(torch.float32).mul_(scale).T if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
-        return dx, None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        # dy @ (q·s)ᵀ = (dy·s) @ qᵀ: the per-output scale goes onto dy (tokens × out), not onto the
+        # weight (in × out) — one weight-sized pass less per projection and step.
+        return (dy * scale) @ q_t.to(torch.float32).T, None, None  # (..., out) @ (out, in)
 
 
 def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
