@@ -36,7 +36,13 @@ def test_chunked_loss_and_gradient_match_full_cross_entropy(chunk: int, softcap:
     assert float(got_grad[[2, 9, 10]].abs().max()) == 0.0  # ignored rows get no gradient
 
 
-def test_int8_matmul_matches_dequantized_weight_and_keeps_nothing_else() -> None:
+@pytest.mark.parametrize("tile_weights", [1 << 20, 24, 30])  # whole; tiles of 2, 2, 2, 1 columns; of 3, 3, 1
+def test_int8_matmul_matches_dequantized_weight_and_keeps_nothing_else(
+    tile_weights: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge.lean_linear
+
+    monkeypatch.setattr(edge.lean_linear, "TILE_WEIGHTS", tile_weights)
     rng = np.random.default_rng(0)
     q_t = rng.integers(-127, 128, (12, 7)).astype(np.int8)  # (in, out)
     scale = rng.uniform(0.01, 0.1, 7).astype(np.float32)
