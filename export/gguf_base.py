@@ -234,6 +234,23 @@ def read_weights(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
         yield from hf_source.read_safetensors(path).items()
 
 
+def add_shape(w: Any, name: str, arch: Architecture) -> None:
+    """The keys every base GGUF written here carries: a float32 model named `name`, and its shape
+    (vocabulary, context, width, layers, feed-forward width, query and key/value heads)."""
+    import gguf
+
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_vocab_size(arch.vocab)
+    w.add_context_length(arch.max_seq)
+    w.add_embedding_length(arch.hidden)
+    w.add_block_count(arch.n_layers)
+    w.add_feed_forward_length(arch.intermediate)
+    w.add_head_count(arch.n_heads)
+    w.add_head_count_kv(arch.n_kv_heads)
+
+
 def add_vocab(w: Any, vocab: BpeVocab) -> None:
     """The tokenizer's keys of a base GGUF (llama.cpp's BPE "gpt2" model): tokens, types, merges, ids."""
     w.add_tokenizer_model("gpt2")
@@ -281,16 +298,7 @@ def write_base_gguf(model_dir: Path, out_path: Path, *, progress: bool = False) 
     with atomic.replacing(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, spec.arch)
         try:
-            w.add_type(gguf.GGUFType.MODEL)
-            w.add_name(model_dir.name)
-            w.add_file_type(gguf.LlamaFileType.ALL_F32)
-            w.add_vocab_size(arch.vocab)
-            w.add_context_length(arch.max_seq)
-            w.add_embedding_length(arch.hidden)
-            w.add_block_count(arch.n_layers)
-            w.add_feed_forward_length(arch.intermediate)
-            w.add_head_count(arch.n_heads)
-            w.add_head_count_kv(arch.n_kv_heads)
+            add_shape(w, model_dir.name, arch)
             w.add_rope_dimension_count(arch.head_dim)
             w.add_rope_freq_base(arch.rope_theta)
             w.add_layer_norm_rms_eps(arch.rms_eps)

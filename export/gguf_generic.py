@@ -26,7 +26,7 @@ from alignfed import atomic
 from alignfed.errors import ExportError
 from alignfed.manifest import Architecture
 from export import hf_source
-from export.gguf_base import add_vocab, read_vocab, read_weights, write_base_gguf
+from export.gguf_base import add_shape, add_vocab, read_vocab, read_weights, write_base_gguf
 
 GGUF_ARCH = {"qwen3": "QWEN3", "gemma3_text": "GEMMA3", "phi3": "PHI3"}  # family -> gguf.MODEL_ARCH member
 GEMMA_SWA_PERIOD = 6  # Gemma3TextConfig's default sliding_window_pattern: every 6th layer global
@@ -105,16 +105,7 @@ def write_generic_gguf(model_dir: Path, out_path: Path) -> Path:
     with atomic.replacing(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[model_arch])
         try:
-            w.add_type(gguf.GGUFType.MODEL)
-            w.add_name(model_dir.name)
-            w.add_file_type(gguf.LlamaFileType.ALL_F32)
-            w.add_vocab_size(arch.vocab)
-            w.add_context_length(arch.max_seq)
-            w.add_embedding_length(arch.hidden)
-            w.add_block_count(arch.n_layers)
-            w.add_feed_forward_length(arch.intermediate)
-            w.add_head_count(arch.n_heads)
-            w.add_head_count_kv(arch.n_kv_heads)
+            add_shape(w, model_dir.name, arch)
             w.add_key_length(arch.head_dim)
             w.add_value_length(arch.head_dim)
             # Phi-3 / Phi-4-mini rotate the first partial_rotary_factor of each head; llama.cpp's n_rot
