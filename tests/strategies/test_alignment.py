@@ -177,3 +177,29 @@ def test_alignfed_calibrates_each_new_version_off_the_aggregation_path(syn: Any)
     af._aligner.cache.get(new)  # collected from the prefetch, not computed again
     assert chain.calls == 1 and af._aligner.cache.versions() == [5]
     af.close()
+
+
+@pytest.mark.parametrize("outlier", [1.0, 1e3])
+def test_woodbury_solve_equals_the_primal_solve(outlier: float) -> None:
+    """n < in takes the (n, n) factor and Woodbury's identity; it must give the (in, in) solve's V′.
+
+    `outlier` scales a few input features as LLM activations' massive dimensions do (top eigenvalue
+    ~1e6 × the mean): the two routes share the condition number (μ_max + λ)/λ, so they agree to
+    float64 rounding times that, far below the float16 of the cached activations.
+    """
+    rng = np.random.default_rng(5)
+    n, in_dim, k = 48, 160, 6
+    scale = np.ones(in_dim)
+    scale[:3] = outlier
+    x_v = rng.normal(size=(n, in_dim)) * scale  # (n, in)
+    x_t = x_v @ (np.eye(in_dim) + 0.2 * rng.normal(size=(in_dim, in_dim)) / np.sqrt(in_dim))
+    v = rng.normal(size=(k, in_dim))  # (k, in)
+    dual = TargetSolve.of(x_t, 1e-2)
+    assert dual.dual
+    gram = x_t.T @ x_t
+    lam = 1e-2 * np.trace(gram) / in_dim
+    expected = np.linalg.solve(gram + lam * np.eye(in_dim), x_t.T @ (x_v @ v.T) + lam * v.T).T  # (k, in)
+    got = dual.align(v, x_v)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
+    # n ≥ in keeps the (in, in) factor
+    assert not TargetSolve.of(np.vstack([x_t] * 4), 1e-2).dual

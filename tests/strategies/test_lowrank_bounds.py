@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignfed.lowrank import Factors, Method, cur, factorize, pca, qrcp, to_adapter
+from alignfed.lowrank import Factors, Method, Svd, cur, factorize, pca, qrcp, thin_qr, to_adapter
 
 shapes = st.tuples(st.integers(2, 24), st.integers(2, 24))
 
@@ -120,3 +120,42 @@ def test_factored_refactorization_equals_the_dense_one(
     dense_kept = factorize(m, k, method).dense()
     # QRCP/CUR pivot on diag(s)·Vᵀ, which picks M's columns (no ties with Gaussian factors)
     np.testing.assert_allclose(kept, dense_kept, atol=1e-4 * (1.0 + np.abs(m).max()))
+
+
+@pytest.mark.parametrize(
+    "case", ["well-conditioned", "near-dependent", "rank-deficient", "zero-column", "ill-conditioned", "wide"]
+)
+def test_thin_qr_is_an_exact_qr_whichever_path_it_takes(case: str) -> None:
+    """thin_qr takes CholeskyQR2 or falls back to Householder; either way x = q r with qᵀq = I.
+
+    The cases are those the server and devices meet: a zero B at version 0 (zero columns), a delta's
+    [B_new, −B_old] after a small step (near-dependent), stacks wider than a tiny layer (wide).
+    """
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 24))  # (m, k)
+    if case == "near-dependent":
+        x[:, 1] = x[:, 0] + 1e-4 * rng.normal(size=300)
+    elif case == "rank-deficient":
+        x[:, 5] = x[:, 3] - 2.0 * x[:, 4]
+    elif case == "zero-column":
+        x[:, 10:] = 0.0
+    elif case == "ill-conditioned":
+        x = x * np.logspace(0, -12, 24)
+    elif case == "wide":
+        x = rng.normal(size=(16, 24))
+    q, r = thin_qr(x)
+    assert q.shape[0] == x.shape[0] and r.shape[1] == x.shape[1]
+    np.testing.assert_allclose(q @ r, x, rtol=0, atol=1e-12 * np.abs(x).max())
+    np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), rtol=0, atol=1e-12)
+
+
+def test_svd_of_factors_matches_the_dense_svd() -> None:
+    """`Svd.of_factors` (thin QRs of both factors, SVD of the core) = the SVD of the formed product."""
+    rng = np.random.default_rng(8)
+    b_new, b_old = rng.normal(size=(96, 8)), rng.normal(size=(96, 8))
+    b_old[:, :3] = b_new[:, :3]  # shared columns: the stacked u is rank-deficient
+    f = Factors(u=np.concatenate([b_new, -b_old], axis=1), v=rng.normal(size=(16, 40)))
+    sv = Svd.of_factors(f)
+    dense = np.linalg.svd(f.dense(), compute_uv=False)
+    np.testing.assert_allclose(sv.s, dense[: sv.s.size], rtol=0, atol=1e-10 * dense[0])
+    np.testing.assert_allclose((sv.u * sv.s) @ sv.vt, f.dense(), rtol=0, atol=1e-10 * np.abs(f.dense()).max())
