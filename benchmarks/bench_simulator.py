@@ -2,9 +2,11 @@
 
     python benchmarks/bench_simulator.py [--bundle DIR] [--data NAME=PATH ...] [--devices 8] [--classes 4] [--batch 2]
         [--seq-len 64] [--local-steps 1] [--horizon 6] [--repeats 2] [--parts train,simulate]
+        [--trainers ort,batched,batched-bf16]
 
-Side by side in one process, the same bundle, fleet, data, batch and thread count (1), the two
-trainers alternating (ort, batched, ort, batched, ...) so a change in the machine's load hits both:
+Side by side in one process, the same bundle, fleet, data, batch and thread count (1), the
+trainers alternating (ort, batched, batched-bf16, ort, ...) so a change in the machine's load hits
+all of them (batched-bf16: the frozen base in bfloat16, `simulator.batched`):
 
 - train: every device of the fleet steps at the same virtual moment (each its own start adapter,
   batches and moments) — `SharedTrainer.train_many` (one ORT step per device) vs
@@ -89,13 +91,19 @@ def main() -> int:
     ap.add_argument("--eval-interval", type=float, default=3.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--parts", default="train,simulate")
+    ap.add_argument(
+        "--trainers",
+        default="ort,batched,batched-bf16",
+        help="trainers to compare, the first is the baseline (as `alignfed simulate --trainer`)",
+    )
     args = ap.parse_args()
     parts = {p.strip() for p in args.parts.split(",")}
+    kinds = [k.strip() for k in args.trainers.split(",") if k.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or tiny_bundle(Path(tmp))
         overrides = {"local_steps": args.local_steps, "batch": args.batch, "seq_len": args.seq_len, "lr": 0.003}
         beds = {}
-        for kind in ("ort", "batched"):
+        for kind in kinds:
             cfg = TestbedConfig(
                 bundle=bundle,
                 fleet=FleetConfig(devices=args.devices, classes=args.classes, overrides=overrides),
@@ -107,32 +115,36 @@ def main() -> int:
             beds[kind] = Testbed.build(cfg)
         sim = SimulationConfig(horizon_s=args.horizon, eval_interval_s=args.eval_interval)
         k = max(2, args.devices // 3)
-        train: dict[str, list[float]] = {"ort": [], "batched": []}
-        simulate: dict[str, list[float]] = {"ort": [], "batched": []}
-        for kind in ("ort", "batched"):  # warm-up: first-call allocations, lazy imports
+        train: dict[str, list[float]] = {kind: [] for kind in kinds}
+        simulate: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for kind in kinds:  # warm-up: first-call allocations, lazy imports
             train_rate(beds[kind], 1, seed=99)
         for r in range(args.repeats):
-            for kind in ("ort", "batched"):
+            for kind in kinds:
                 if "train" in parts:
                     train[kind].append(train_rate(beds[kind], args.train_steps, seed=r))
-                    print(f"train    {kind:8} repeat {r}: {train[kind][-1]:8.2f} device-steps/s", flush=True)
+                    print(f"train    {kind:12} repeat {r}: {train[kind][-1]:8.2f} device-steps/s", flush=True)
                 if "simulate" in parts:
                     rate, steps, wall = simulate_rate(beds[kind], sim, k)
                     simulate[kind].append(rate)
                     print(
-                        f"simulate {kind:8} repeat {r}: {rate:8.2f} device-steps/s ({steps} steps in {wall:.1f} s)",
+                        f"simulate {kind:12} repeat {r}: {rate:8.2f} device-steps/s ({steps} steps in {wall:.1f} s)",
                         flush=True,
                     )
-        name = beds["ort"].manifest.base_model if hasattr(beds["ort"].manifest, "base_model") else bundle
+        base = kinds[0]
+        name = beds[base].manifest.base_model if hasattr(beds[base].manifest, "base_model") else bundle
+        devices = {k: getattr(beds[k].trainer, "device", "cpu (ONNX Runtime)") for k in kinds}
         print(
             f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
             f"{datetime.now(UTC):%Y-%m-%d}; bundle {name}; {args.devices} devices, {args.classes} classes, "
-            f"batch {args.batch}×{args.seq_len}, 1 thread; torch device {beds['batched'].trainer.device}"  # type: ignore[attr-defined]
+            f"batch {args.batch}×{args.seq_len}, 1 thread; devices {devices}"
         )
         for label, got in (("train (all devices step at once)", train), ("simulate (FedBuff run)", simulate)):
-            if got["ort"]:
-                o, b = statistics.median(got["ort"]), statistics.median(got["batched"])
-                print(f"{label:34} ort {o:8.2f}  batched {b:8.2f} device-steps/s  ratio {b / o:5.2f}×")
+            if got[base]:
+                rates = {k: statistics.median(v) for k, v in got.items()}
+                cells = "  ".join(f"{k} {r:8.2f}" for k, r in rates.items())
+                ratios = "  ".join(f"{k}/{base} {rates[k] / rates[base]:5.2f}×" for k in kinds[1:])
+                print(f"{label:34} {cells} device-steps/s  {ratios}")
     return 0
 
 

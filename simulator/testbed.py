@@ -24,7 +24,8 @@ from simulator.fleet import FleetConfig, SimDevice, build_fleet
 from simulator.partition import PartitionConfig, label_mix, partition
 from simulator.training import RoundTrainer, SharedTrainer
 
-TRAINERS = ("ort", "batched")  # SharedTrainer (ONNX Runtime, one device at a time) | BatchedTrainer
+# SharedTrainer (ONNX Runtime, one device at a time) | BatchedTrainer (float32) | BatchedTrainer, bf16 base
+TRAINERS = ("ort", "batched", "batched-bf16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +110,11 @@ class Testbed:
             )
             data[dev.device_id] = DeviceData(batcher, label_mix(labels, shard, len(domains)), int(shard.size))
         trainer: RoundTrainer
-        if cfg.trainer == "batched":
+        if cfg.trainer.startswith("batched"):
             from simulator.batched import BatchedTrainer
 
-            trainer = BatchedTrainer(bundle, manifest, threads=cfg.threads)
+            precision = "bf16" if cfg.trainer == "batched-bf16" else "fp32"
+            trainer = BatchedTrainer(bundle, manifest, threads=cfg.threads, precision=precision)
         else:
             trainer = SharedTrainer(bundle, manifest, threads=cfg.threads)
         evaluator = Evaluator(
