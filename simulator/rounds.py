@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ from simulator.testbed import DeviceData, Testbed
 from simulator.timeline import Arrive, Deliver, Free, Item, Online
 from simulator.training import TrainJob
 from simulator.versions import Publisher, VersionHistory
+
+TRUNCATIONS_KEPT = 16  # (version, rank) truncations of the global remembered: a few versions × rank caps
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,9 @@ class Rounds:
         self.synchronous = synchronous
         self.closed = closed
         self.started: list[Round] = []  # rounds waiting to be trained together
+        # (version, rank) -> the global truncated to that rank: capped devices of one class share it,
+        # and each round needs it twice (its start, its delta); the last TRUNCATIONS_KEPT are kept
+        self._truncated: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
         self.byzantine = attacks.assign(
             [d.device_id for d in testbed.devices],
             [config.timing.train_s(d.profile) for d in testbed.devices],
@@ -261,7 +267,16 @@ class Rounds:
     def _origin(self, dev: DeviceState, base: AdapterState) -> Mapping[str, np.ndarray]:
         """What a device trains from: the global adapter, truncated to the device's rank if capped."""
         rank = self._rank(dev.device.profile)
-        return base.tensors if rank >= self.tb.manifest.lora.rank else truncate(base.tensors, self.tb.manifest, rank)
+        if rank >= self.tb.manifest.lora.rank:
+            return base.tensors
+        key = (base.version, rank)
+        hit = self._truncated.get(key)
+        if hit is None:
+            hit = self._truncated[key] = truncate(base.tensors, self.tb.manifest, rank)
+            while len(self._truncated) > TRUNCATIONS_KEPT:
+                self._truncated.popitem(last=False)
+        self._truncated.move_to_end(key)
+        return hit
 
     def batches(self, dev: DeviceState, steps: int) -> Iterator[Batch]:
         """Random batches of the device's examples, from its own seeded stream (as alignfed.text.Batcher)."""
