@@ -33,10 +33,10 @@ def test_class_ranks_cap_each_class(tiny_bundle: Path, monkeypatch: pytest.Monke
         return decoded
 
     monkeypatch.setattr(protocol, "decode_update", recording)
+    from alignfed.adapter import truncate
     from simulator import rounds
 
     truncations: list[int] = []  # rank of each truncation of a global computed
-    truncate = rounds.truncate
 
     def counting(tensors: Any, manifest: Any, rank: int) -> Any:
         truncations.append(rank)
