@@ -32,6 +32,7 @@ from alignfed.downlink import Broadcaster, Step
 from alignfed.manifest import Manifest
 from coordinator import ingest
 from coordinator.ingest import IngestLimits
+from coordinator.strategies import server_update
 from coordinator.strategies.base import AdapterState, Aggregation, ClientUpdate, Strategy
 from coordinator.tier import client_updates
 
@@ -206,12 +207,15 @@ class Core:
 
 
 def broadcast(
-    new: NewVersion, broadcaster: Broadcaster, now: float, codec: str = "deflate"
+    new: NewVersion, broadcaster: Broadcaster, now: float, codec: str = "deflate", *, fold: bool = False
 ) -> tuple[NewVersion, bytes, Step]:
     """`new` as devices rebuild it from the delta chain (`alignfed.downlink`: the previous version plus
     the quantized change, digest-checked), its delta message, and the step the broadcaster must
     `accept` once the version is stored. The rebuilt adapter is what is stored, published and
-    aggregated onto next, so every device following the chain holds the coordinator's exact bits."""
+    aggregated onto next, so every device following the chain holds the coordinator's exact bits.
+
+    `fold`: what the quantization changed goes into the state's residual, in product space
+    (`server_update.fold_published`), for a broadcaster without its own factor-space carry."""
     step = broadcaster.step(new.parent.tensors, new.state.tensors)
     a = new.adapter
     delta = protocol.GlobalDelta(
@@ -231,6 +235,10 @@ def broadcast(
         new,
         adapter=adapter,
         encoded=protocol.encode_global(adapter),
-        state=dataclasses.replace(new.state, tensors=step.published),
+        state=(
+            server_update.fold_published(new.state, step.published)
+            if fold
+            else dataclasses.replace(new.state, tensors=step.published)
+        ),
     )
     return published, protocol.encode_global_delta(delta, codec), step

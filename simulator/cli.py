@@ -170,6 +170,13 @@ def add_simulate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "quantized int4c / int8c / fp32, with a snapshot when a device misses one",
     )
     t.add_argument(
+        "--downlink-feedback",
+        choices=["carry", "residual", "off"],
+        default="carry",
+        help="where a delta downlink's quantization error goes: carry (added to the next version's change, "
+        "default), residual (into the strategy's error feedback, in product space) or off",
+    )
+    t.add_argument(
         "--no-delta-feedback",
         action="store_true",
         help="devices drop what truncation/quantization loses instead of carrying it into the next update",
@@ -297,6 +304,7 @@ def configs(args: argparse.Namespace) -> tuple[TestbedConfig, ExperimentConfig]:
         delta_feedback=not args.no_delta_feedback,
         carry_rank=args.carry_rank,
         downlink=args.downlink,
+        downlink_feedback=args.downlink_feedback,
         optimizer=args.optimizer,
         eval_every=args.eval_every,
         eval_interval_s=args.eval_interval,

@@ -16,6 +16,9 @@ from simulator.timing import Timing
 OptimizerScope = Literal["round", "device"]
 
 
+DOWNLINK_FEEDBACK = ("carry", "residual", "off")
+
+
 @dataclass(frozen=True, slots=True)
 class SimulationConfig:
     horizon_s: float = 3600.0  # virtual seconds to simulate
@@ -29,6 +32,9 @@ class SimulationConfig:
     # how new versions reach devices: "snapshot" (the full float32 adapter every version) or the
     # quantization of version-to-version deltas ("int4c" | "int8c" | "fp32"; alignfed.downlink)
     downlink: str = "snapshot"
+    # where a delta downlink's quantization error goes: "carry" (factor space, added to the next
+    # version's change), "residual" (product space, into the strategy's error feedback) or "off"
+    downlink_feedback: str = "carry"
     poll_s: float = 1.0  # re-check `ready` this often while updates are buffered
     optimizer: OptimizerScope = "round"  # AdamW moments: fresh every round, or kept per device
     eval_every: int = 1  # evaluate every n-th version (and always the last)
@@ -64,6 +70,11 @@ class SimulationConfig:
             raise ConfigError(
                 f"simulation: downlink must be 'snapshot' or one of {', '.join(protocol.DOWNLINK_QUANTIZATIONS)}, "
                 f"got {self.downlink!r}"
+            )
+        if self.downlink_feedback not in DOWNLINK_FEEDBACK:
+            raise ConfigError(
+                f"simulation: downlink_feedback must be one of {', '.join(DOWNLINK_FEEDBACK)}, "
+                f"got {self.downlink_feedback!r}"
             )
         if not self.poll_s > 0:
             raise ConfigError(f"simulation: poll_s must be > 0 seconds, got {self.poll_s}")

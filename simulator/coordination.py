@@ -53,7 +53,11 @@ class Coordination:
         )
         self.core = Core(intake, strategy, testbed.initial)
         # a delta downlink: each version is what devices rebuild from the chain (coordinator.core.broadcast)
-        self.broadcaster = Broadcaster(config.downlink) if config.downlink != "snapshot" else None
+        self.broadcaster = (
+            Broadcaster(config.downlink, feedback=config.downlink_feedback == "carry")
+            if config.downlink != "snapshot"
+            else None
+        )
         self.done = False  # max_versions reached
         self._poll_pending = False
 
@@ -99,7 +103,8 @@ class Coordination:
                 result.alignment.append({str(k): float(v) for k, v in residual.items()})
             delta_bytes = 0
             if self.broadcaster is not None:
-                new, delta, step = broadcast(new, self.broadcaster, now, self.cfg.wire_codec)
+                fold = self.cfg.downlink_feedback == "residual"
+                new, delta, step = broadcast(new, self.broadcaster, now, self.cfg.wire_codec, fold=fold)
                 self.broadcaster.accept(step)
                 delta_bytes = len(delta)
             self.core.advance(new)

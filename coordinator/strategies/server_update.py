@@ -20,12 +20,13 @@ so adding it moves the global adapter the way the device moved its local copy.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from alignfed import lora
-from alignfed.lowrank import Factors, Method, stack, to_adapter
+from alignfed.lowrank import Factors, Method, difference, stack, to_adapter
 from coordinator.strategies.base import AdapterState, ClientUpdate
 
 RESIDUAL_RANKS = 4  # error feedback keeps the best 4r directions of what truncation drops; see decisions.md
@@ -121,6 +122,26 @@ def apply(
         residual=residual,
         dropped=float(np.sqrt(dropped_sq)),
     )
+
+
+def fold_published(state: AdapterState, published: Mapping[str, np.ndarray]) -> AdapterState:
+    """`state` moved onto the factors devices were sent, what that changed kept as error feedback.
+
+    A quantized downlink publishes P ≠ the strategy's factors U. The next aggregation starts from P,
+    so the product s·(B_U A_U − B_P A_P) is added to each layer's residual (factors of rank ≤ 2r,
+    `lowrank.difference`): P's product plus the residual is then exactly U's plus the old residual,
+    and the next re-factorization puts that error back where it belongs, in product space — it does
+    not depend on how the two factorizations are rotated against each other (decisions §30).
+    """
+    residual = dict(state.residual)
+    for lid in layer_ids(state):
+        layer, module = lora.split_layer_id(lid)
+        a_name, b_name = lora.key(layer, module, "A"), lora.key(layer, module, "B")
+        lost = difference(
+            state.tensors[b_name], state.tensors[a_name], published[b_name], published[a_name], state.scale
+        )  # (out, 2r) @ (2r, in)
+        residual[lid] = stack([residual[lid], lost]) if lid in residual else lost
+    return dataclasses.replace(state, tensors=dict(published), residual=residual)
 
 
 def residual_norm(state: AdapterState) -> float:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+import pytest
+
 from alignfed import protocol
+from alignfed.errors import ConfigError
 from simulator.experiment import run_variant
 from simulator.metrics import RunResult
 from simulator.testbed import Testbed
@@ -55,3 +59,20 @@ def test_a_device_back_from_offline_fetches_the_snapshot_when_the_retained_delta
         assert versions == sorted(set(versions)), device
     # bytes: every receipt counted, plus deltas that arrived but did not chain (charged, not applied)
     assert run.bytes_down >= sum(n for r in _receipts(run).values() for _, n in r)
+
+
+def test_each_downlink_feedback_runs_and_the_residual_fold_reaches_the_strategy(testbed: Testbed) -> None:
+    """`downlink_feedback`: carry (factor space, the broadcaster's), residual (the strategy's error
+    feedback, tests/strategies/test_downlink_fold.py) or off: each runs the engine to the end, and
+    the published chains differ (each choice reaches the adapter devices train from)."""
+    runs = {
+        fb: _run(testbed, max_versions=6, downlink="int4c", downlink_feedback=fb) for fb in ("carry", "residual", "off")
+    }
+    finals = {fb: r.final for fb, r in runs.items()}
+    assert all(f is not None and r.versions == 6 for f, r in zip(finals.values(), runs.values(), strict=True))
+    tensors = {fb: f.tensors for fb, f in finals.items() if f is not None}
+    name = sorted(tensors["carry"])[0]
+    assert not np.array_equal(tensors["carry"][name], tensors["residual"][name])
+    assert not np.array_equal(tensors["residual"][name], tensors["off"][name])
+    with pytest.raises(ConfigError, match="downlink_feedback must be one of carry, residual, off, got 'both'"):
+        make_sim_config(downlink_feedback="both")
