@@ -43,6 +43,22 @@ def truncate(tensors: Mapping[str, np.ndarray], m: mf.Manifest, rank: int) -> di
     return out
 
 
+def training_start(tensors: Mapping[str, np.ndarray], m: mf.Manifest, rank: int) -> dict[str, np.ndarray]:
+    """The factors a device of LoRA rank `rank` trains from, given a global adapter's tensors.
+
+    Capped (`rank` < r): the best rank-k approximation (`truncate`). Otherwise the same product in
+    its balanced SVD factors (`lowrank.canonical_lora`): the basis the server's re-factorization
+    makes, whichever rotation of it the downlink carried — AdamW's steps depend on that basis."""
+    if rank < m.lora.rank:
+        return truncate(tensors, m, rank)
+    out = {name: np.array(t, dtype=np.float32) for name, t in tensors.items()}
+    for lid in m.layer_ids:
+        layer, module = lora.split_layer_id(lid)
+        a, b = lora.key(layer, module, "A"), lora.key(layer, module, "B")
+        out[a], out[b] = lowrank.canonical_lora(tensors[a], tensors[b], m.lora.scale)
+    return out
+
+
 def compute_deltas(
     trained: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], m: mf.Manifest, rank: int = 0
 ) -> dict[str, lowrank.Factors]:

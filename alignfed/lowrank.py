@@ -175,6 +175,28 @@ def truncate_lora(a: np.ndarray, b: np.ndarray, rank: int, scale: float) -> tupl
         raise ValueError(f"truncate_lora: rank must be ≥ 1, got {rank}")
     if rank >= r:
         return np.array(a, dtype=np.float32), np.array(b, dtype=np.float32)
+    return _balanced(a, b, rank, scale)
+
+
+def canonical_lora(a: np.ndarray, b: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The same product s·B A in its balanced SVD factors (`truncate_lora` at the full rank r).
+
+    A = √σ·Vᵀ, s·B = U·√σ, components in descending σ: the factors the server's re-factorization
+    makes (`to_adapter`), whatever rotation R (A → R A, B → B Rᵀ) carried them. The product is
+    unchanged, but training is not: AdamW normalizes each coordinate separately, so its steps —
+    with one local step, nearly sign descent — depend on the basis of the rank-r space. A device
+    therefore trains from these factors, not from the rotated ones a delta downlink's gauge
+    (`alignfed.downlink.gauge`) chose to keep version-to-version changes small (decisions §30).
+    Signs and the order of equal σ stay arbitrary; per-coordinate AdamW does not see either.
+    """
+    if b.shape[1] != a.shape[0]:
+        raise ValueError(f"canonical_lora: A is {a.shape}, B is {b.shape}; expected A (r, in), B (out, r)")
+    return _balanced(a, b, a.shape[0], scale)
+
+
+def _balanced(a: np.ndarray, b: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The rank-`rank` part of s·B A as balanced SVD factors in A's and B's shapes (`truncate_lora`)."""
+    r = a.shape[0]
     sv = Svd.of_factors(Factors(u=scale * b.astype(np.float64), v=a))
     # numerical rank (numpy.linalg.matrix_rank's tolerance): what lies below is rounding, not direction
     tol = sv.s[0] * max(b.shape[0], a.shape[1]) * np.finfo(np.float64).eps if sv.s.size else 0.0

@@ -22,7 +22,7 @@ import numpy as np
 
 from alignfed import atomic, downlink, protocol
 from alignfed import manifest as mf
-from alignfed.adapter import compute_deltas, truncate
+from alignfed.adapter import compute_deltas, training_start
 from alignfed.errors import AlignFedError, ProtocolError, TrainingError
 from alignfed.profiles import capped_delta_rank, lora_rank
 from alignfed.text import IGNORE, Batch, Batcher, hold_out, load_texts
@@ -326,10 +326,10 @@ class EdgeDaemon:
         p = self.cfg.profile
         self.trainer.load_adapter(base.tensors)
         eval_loss = self.evaluate()  # of `base`, on data this device never trains on
-        origin = dict(base.tensors)
-        if self.rank < self.manifest.lora.rank:  # capped by the profile: train base's best rank-k part
-            origin = truncate(base.tensors, self.manifest, self.rank)
-            self.trainer.load_adapter(origin)
+        # base's product in the server's balanced SVD basis, or (capped by the profile) its best
+        # rank-k part: AdamW's steps depend on the factors' basis, not only on their product
+        origin = training_start(base.tensors, self.manifest, self.rank)
+        self.trainer.load_adapter(origin)
         start = time.monotonic()  # wall_time is the training's alone
         losses = []
         batches = iter(self.batcher)

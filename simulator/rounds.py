@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alignfed import protocol
-from alignfed.adapter import compute_deltas, truncate
+from alignfed.adapter import compute_deltas, training_start
 from alignfed.profiles import DeviceProfile, capped_delta_rank, lora_rank
 from alignfed.text import Batch
 from coordinator.strategies.base import AdapterState
@@ -99,8 +99,8 @@ class Rounds:
         self.synchronous = synchronous
         self.closed = closed
         self.started: list[Round] = []  # rounds waiting to be trained together
-        # (version, rank) -> the global truncated to that rank: capped devices of one class share it,
-        # and each round needs it twice (its start, its delta); the last TRUNCATIONS_KEPT are kept
+        # (version, rank) -> the global as devices of that rank train from it: devices share it, and
+        # each round needs it twice (its start, its delta); the last TRUNCATIONS_KEPT are kept
         self._truncated: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
         self.byzantine = attacks.assign(
             [d.device_id for d in testbed.devices],
@@ -265,14 +265,13 @@ class Rounds:
         return lora_rank(profile, self.tb.manifest.lora.rank)
 
     def _origin(self, dev: DeviceState, base: AdapterState) -> Mapping[str, np.ndarray]:
-        """What a device trains from: the global adapter, truncated to the device's rank if capped."""
+        """What a device trains from: the global adapter in the server's SVD basis, truncated to the
+        device's rank if capped (`alignfed.adapter.training_start`), as the daemon does."""
         rank = self._rank(dev.device.profile)
-        if rank >= self.tb.manifest.lora.rank:
-            return base.tensors
         key = (base.version, rank)
         hit = self._truncated.get(key)
         if hit is None:
-            hit = self._truncated[key] = truncate(base.tensors, self.tb.manifest, rank)
+            hit = self._truncated[key] = training_start(base.tensors, self.tb.manifest, rank)
             while len(self._truncated) > TRUNCATIONS_KEPT:
                 self._truncated.popitem(last=False)
         self._truncated.move_to_end(key)

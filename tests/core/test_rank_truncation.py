@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignfed import lora
+from alignfed import lora, lowrank
 from alignfed.adapter import compute_deltas, truncate
 from alignfed.errors import TrainingError
 from alignfed.lowrank import Factors, to_adapter, truncate_lora
@@ -161,3 +161,21 @@ def test_truncate_leaves_an_uncapped_adapter_alone() -> None:
     tensors = _adapter(4, 1)
     out = truncate(tensors, m, 4)  # type: ignore[arg-type]
     assert all(np.array_equal(out[n], tensors[n]) for n in tensors)
+
+
+def test_canonical_factors_undo_a_rotation_and_keep_the_product() -> None:
+    """A rotated pair (R A, B Rᵀ) comes back as the balanced SVD pair the server makes, up to signs:
+    same product, same |factors|; a fresh adapter (B = 0) stays as it is, its A rows trainable."""
+    rng = np.random.default_rng(11)
+    a, b, scale = rng.normal(size=(4, 12)), rng.normal(size=(9, 4)), 2.0  # A (r, in), B (out, r)
+    split = lowrank.to_adapter(lowrank.Factors(u=scale * b, v=a), 4, scale)  # the server's factors
+    r, _ = np.linalg.qr(rng.normal(size=(4, 4)))  # an orthogonal rotation of the rank space
+    rotated_a, rotated_b = (r @ split.a).astype(np.float32), (split.b @ r.T).astype(np.float32)
+    assert np.abs(rotated_a - split.a).max() > 0.1  # the rotation moved the factors ...
+    got_a, got_b = lowrank.canonical_lora(rotated_a, rotated_b, scale)
+    np.testing.assert_allclose(got_b @ got_a, split.b @ split.a, atol=1e-5)  # ... not the product
+    np.testing.assert_allclose(np.abs(got_a), np.abs(split.a), atol=1e-5)  # back to the server's basis
+    np.testing.assert_allclose(np.abs(got_b), np.abs(split.b), atol=1e-5)
+    fresh_a = rng.normal(size=(4, 12)).astype(np.float32)
+    same_a, same_b = lowrank.canonical_lora(fresh_a, np.zeros((9, 4), np.float32), scale)
+    assert np.array_equal(same_a, fresh_a) and not np.any(same_b)
