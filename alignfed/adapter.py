@@ -6,7 +6,7 @@ the simulator read and difference adapters the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +33,9 @@ def truncate(tensors: Mapping[str, np.ndarray], m: mf.Manifest, rank: int) -> di
     """The adapter a device capped at LoRA rank `rank` trains from: every layer's B A replaced by its
     best rank-k approximation (`lowrank.truncate_lora`), shapes unchanged (components beyond k are
     zero). The adapter itself (a copy) when `rank` ≥ the bundle's rank r."""
-    out = {name: np.array(t, dtype=np.float32) for name, t in tensors.items()}
     if rank >= m.lora.rank:
-        return out
-    for lid in m.layer_ids:
-        layer, module = lora.split_layer_id(lid)
-        a, b = lora.key(layer, module, "A"), lora.key(layer, module, "B")
-        out[a], out[b] = lowrank.truncate_lora(tensors[a], tensors[b], rank, m.lora.scale)
-    return out
+        return {name: np.array(t, dtype=np.float32) for name, t in tensors.items()}
+    return _each_layer(tensors, m, lambda a, b: lowrank.truncate_lora(a, b, rank, m.lora.scale))
 
 
 def training_start(tensors: Mapping[str, np.ndarray], m: mf.Manifest, rank: int) -> dict[str, np.ndarray]:
@@ -51,11 +46,20 @@ def training_start(tensors: Mapping[str, np.ndarray], m: mf.Manifest, rank: int)
     makes, whichever rotation of it the downlink carried — AdamW's steps depend on that basis."""
     if rank < m.lora.rank:
         return truncate(tensors, m, rank)
+    return _each_layer(tensors, m, lambda a, b: lowrank.canonical_lora(a, b, m.lora.scale))
+
+
+def _each_layer(
+    tensors: Mapping[str, np.ndarray],
+    m: mf.Manifest,
+    refactor: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """A float32 copy of `tensors` with every adapted layer's (A, B) replaced by `refactor(A, B)`."""
     out = {name: np.array(t, dtype=np.float32) for name, t in tensors.items()}
     for lid in m.layer_ids:
         layer, module = lora.split_layer_id(lid)
         a, b = lora.key(layer, module, "A"), lora.key(layer, module, "B")
-        out[a], out[b] = lowrank.canonical_lora(tensors[a], tensors[b], m.lora.scale)
+        out[a], out[b] = refactor(tensors[a], tensors[b])
     return out
 
 

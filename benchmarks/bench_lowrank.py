@@ -62,7 +62,7 @@ def _primal(x_t: np.ndarray, lam: float) -> TargetSolve:
     """The (in, in) factorization whatever n is: what alignment did before the Woodbury form."""
     x = np.asarray(x_t, dtype=np.float64)
     gram = x.T @ x
-    absolute = ridge(gram, lam)
+    absolute = ridge(float(np.trace(gram)), gram.shape[0], lam)
     gram[np.diag_indices_from(gram)] += absolute
     return TargetSolve(x_t=x, lam=absolute, chol=scipy.linalg.cho_factor(gram, lower=True), dual=False)
 

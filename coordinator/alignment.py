@@ -137,13 +137,8 @@ class ActivationCache:
         return small if np.all(np.isfinite(small)) else x.astype(np.float32)
 
 
-def ridge(gram: np.ndarray, lam: float) -> float:
-    """λ = lam · tr(G) / in for G = X_tᵀX_t (in, in); a tiny floor keeps an all-zero X solvable."""
-    return ridge_of_trace(float(np.trace(gram)), gram.shape[0], lam)
-
-
-def ridge_of_trace(trace: float, in_dim: int, lam: float) -> float:
-    """`ridge` from tr(X_tᵀX_t) = tr(X_tX_tᵀ) and the input width."""
+def ridge(trace: float, in_dim: int, lam: float) -> float:
+    """λ = lam · tr(X_tᵀX_t) / in (tr(X_tX_tᵀ) is the same); a tiny floor keeps an all-zero X solvable."""
     mean_eig = trace / in_dim
     return lam * mean_eig if mean_eig > 0 else max(lam, 1e-12)
 
@@ -171,7 +166,7 @@ class TargetSolve:
         dual = n < in_dim
         gram = x @ x.T if dual else x.T @ x  # (n, n) or (in, in); same trace, same non-zero spectrum
         # λ is relative to the mean eigenvalue of X_tᵀX_t (in, in): tr / in, whichever gram was formed
-        absolute = ridge_of_trace(float(np.trace(gram)), in_dim, lam)
+        absolute = ridge(float(np.trace(gram)), in_dim, lam)
         gram[np.diag_indices_from(gram)] += absolute
         chol = scipy.linalg.cho_factor(gram, lower=True, check_finite=False)
         return cls(x_t=x, lam=absolute, chol=chol, dual=dual)

@@ -37,7 +37,7 @@ from simulator.timeline import Arrive, Deliver, Free, Item, Online
 from simulator.training import TrainJob
 from simulator.versions import Publisher, VersionHistory
 
-TRUNCATIONS_KEPT = 16  # (version, rank) truncations of the global remembered: a few versions × rank caps
+STARTS_KEPT = 16  # (version, rank) training starts of the global remembered: a few versions × ranks
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +100,8 @@ class Rounds:
         self.closed = closed
         self.started: list[Round] = []  # rounds waiting to be trained together
         # (version, rank) -> the global as devices of that rank train from it: devices share it, and
-        # each round needs it twice (its start, its delta); the last TRUNCATIONS_KEPT are kept
-        self._truncated: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
+        # each round needs it twice (its start, its delta); the last STARTS_KEPT are kept
+        self._starts: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
         self.byzantine = attacks.assign(
             [d.device_id for d in testbed.devices],
             [config.timing.train_s(d.profile) for d in testbed.devices],
@@ -269,12 +269,12 @@ class Rounds:
         device's rank if capped (`alignfed.adapter.training_start`), as the daemon does."""
         rank = self._rank(dev.device.profile)
         key = (base.version, rank)
-        hit = self._truncated.get(key)
+        hit = self._starts.get(key)
         if hit is None:
-            hit = self._truncated[key] = training_start(base.tensors, self.tb.manifest, rank)
-            while len(self._truncated) > TRUNCATIONS_KEPT:
-                self._truncated.popitem(last=False)
-        self._truncated.move_to_end(key)
+            hit = self._starts[key] = training_start(base.tensors, self.tb.manifest, rank)
+            while len(self._starts) > STARTS_KEPT:
+                self._starts.popitem(last=False)
+        self._starts.move_to_end(key)
         return hit
 
     def batches(self, dev: DeviceState, steps: int) -> Iterator[Batch]:
