@@ -17,13 +17,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from alignfed.corpora import DOMAINS, write_domain
 from alignfed.topics import Topics
 from alignfed.transport import BrokerConfig, Transport
 from coordinator.store import Store
-from demo.local import DeviceSpec, LocalFederation, lay_out
+from demo.local import LocalFederation, lay_out
 from tests.support.broker import Mosquitto, free_port
-from tests.support.federation import fast_profile, spawn, stop, wait_for
+from tests.support.federation import domain_devices, fast_profile, spawn, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -56,11 +55,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator
     root = tmp_path_factory.mktemp("dashboard-fed")
     broker = Mosquitto(root / "broker").start()
     profile = fast_profile(root / "fast.toml")
-    specs = [
-        DeviceSpec(f"dev-{i}", str(profile), write_domain(root / f"data-{i}.jsonl", DOMAINS[i], 40, seed=i),
-                   extra={"max_rounds": ROUNDS, "seed": i})
-        for i in range(3)
-    ]  # fmt: skip
+    specs = domain_devices(root, [profile] * 3, ROUNDS)
     port = free_port()
     fed = lay_out(
         root / "fed",

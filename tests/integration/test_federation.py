@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from alignfed import protocol
-from alignfed.corpora import DOMAINS, write_domain
+from alignfed.corpora import write_domain
 from alignfed.lowrank import Factors
 from alignfed.manifest import bundle_digest
 from alignfed.manifest import load as load_manifest
@@ -20,13 +20,9 @@ from alignfed.transport import BrokerConfig, Message, Transport
 from coordinator.store import Store
 from demo.local import DeviceSpec, lay_out
 from tests.support.broker import Mosquitto
-from tests.support.federation import fast_profile, spawn, stop, wait_for
+from tests.support.federation import domain_devices, fast_profile, read_logs, spawn, stop, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def read_logs(root: Path) -> str:
-    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(root.glob("*.log")))
 
 
 STRATEGIES = {
@@ -48,15 +44,7 @@ def test_three_devices_federate(tmp_path: Path, broker: Mosquitto, tiny_bundle: 
         {"wire_quantization": "int8c", "delta_rank": 2},
         {"wire_quantization": "fp32", "wire_codec": "none"},
     ]
-    specs = [
-        DeviceSpec(
-            f"dev-{i}",
-            str(profiles[i]),
-            write_domain(tmp_path / f"data-{i}.jsonl", DOMAINS[i], 40, seed=i),
-            extra={"max_rounds": 4, "seed": i, **wires[i]},
-        )
-        for i in range(3)
-    ]
+    specs = domain_devices(tmp_path, profiles, 4, extras=wires)
     fed = lay_out(
         tmp_path / "fed",
         bundle=tiny_bundle,

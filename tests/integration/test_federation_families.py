@@ -12,19 +12,14 @@ import numpy as np
 import pytest
 
 from alignfed import protocol
-from alignfed.corpora import DOMAINS, write_domain
 from coordinator.store import Store
-from demo.local import DeviceSpec, lay_out
+from demo.local import lay_out
 from export.bundle import export_bundle
 from export.synthetic import PHI3_CONFIG, QWEN3_CONFIG, TinyConfig, write_tiny_model
 from tests.support.broker import Mosquitto
-from tests.support.federation import fast_profile, spawn, stop, wait_for
+from tests.support.federation import domain_devices, fast_profile, read_logs, spawn, stop, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def read_logs(root: Path) -> str:
-    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(root.glob("*.log")))
 
 
 CASES: dict[str, tuple[TinyConfig, str, tuple[str, ...]]] = {  # family config, trainer, LoRA targets
@@ -40,15 +35,7 @@ def test_federation_of_a_traced_family_reaches_version_3(tmp_path: Path, broker:
     bundle = tmp_path / "bundle"
     export_bundle(model_dir, bundle, targets=targets, rank=4, alpha=8.0)  # traced graph + the family's GGUF
     profile = fast_profile(tmp_path / "fast.toml", name=f"test-{trainer}", trainer=trainer)
-    specs = [
-        DeviceSpec(
-            f"dev-{i}",
-            str(profile),
-            write_domain(tmp_path / f"data-{i}.jsonl", DOMAINS[i], 40, seed=i),
-            extra={"max_rounds": 4, "seed": i},
-        )
-        for i in range(2)
-    ]
+    specs = domain_devices(tmp_path, [profile, profile], 4)
     strategy = {"name": "alignfed", "k": 2, "max_wait_s": 5.0, "tau_max": 8}
     fed = lay_out(tmp_path / "fed", bundle=bundle, broker_url=broker.url, devices=specs, strategy=strategy)
     coord = spawn("coordinator", "--config", str(fed.coordinator_config), log=tmp_path / "coordinator.log")

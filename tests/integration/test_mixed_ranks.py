@@ -15,21 +15,16 @@ import numpy as np
 import pytest
 
 from alignfed import protocol
-from alignfed.corpora import DOMAINS, write_domain
 from alignfed.topics import Topics
 from alignfed.transport import BrokerConfig, Transport
 from coordinator.store import Store
-from demo.local import DeviceSpec, lay_out
+from demo.local import lay_out
 from tests.support.broker import Mosquitto
-from tests.support.federation import fast_profile, spawn, stop, wait_for
+from tests.support.federation import domain_devices, fast_profile, read_logs, spawn, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
 RANKS = {"dev-0": 4, "dev-1": 2, "dev-2": 2}
-
-
-def _logs(root: Path) -> str:
-    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(root.glob("*.log")))
 
 
 def test_devices_of_mixed_ranks_federate(tmp_path: Path, broker: Mosquitto, tiny_bundle: Path) -> None:
@@ -43,15 +38,7 @@ def test_devices_of_mixed_ranks_federate(tmp_path: Path, broker: Mosquitto, tiny
         {"wire_quantization": "int8c", "delta_rank": 8},  # asks for more than a rank-2 device has: sends 2k = 4
         {"wire_quantization": "fp32", "wire_codec": "none"},
     ]
-    specs = [
-        DeviceSpec(
-            f"dev-{i}",
-            str(profiles[i]),
-            write_domain(tmp_path / f"data-{i}.jsonl", DOMAINS[i], 40, seed=i),
-            extra={"max_rounds": 3, "seed": i, **wires[i]},
-        )
-        for i in range(3)
-    ]
+    specs = domain_devices(tmp_path, profiles, 3, extras=wires)
     fed = lay_out(
         tmp_path / "fed",
         bundle=tiny_bundle,
@@ -69,7 +56,7 @@ def test_devices_of_mixed_ranks_federate(tmp_path: Path, broker: Mosquitto, tiny
     sent: list[protocol.AdapterUpdate] = []
     try:
         for e in edges:
-            assert e.wait(timeout=240) == 0, _logs(tmp_path)
+            assert e.wait(timeout=240) == 0, read_logs(tmp_path)
         store = Store(tmp_path / "fed" / "coordinator" / "coordinator.sqlite")
         wait_for(lambda: (store.latest_version() or 0) >= 3, 60, "global version 3")
         stats = store.stats()
@@ -87,7 +74,7 @@ def test_devices_of_mixed_ranks_federate(tmp_path: Path, broker: Mosquitto, tiny
     finally:
         watcher.stop()
         stop([*edges, coord])
-    assert coord.returncode == 0, _logs(tmp_path)
+    assert coord.returncode == 0, read_logs(tmp_path)
     # what travelled: each update states its device's rank, and a rank-k update is at most 2k wide
     assert {u.device_id for u in sent} == set(RANKS)
     for u in sent:

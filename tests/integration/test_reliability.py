@@ -19,29 +19,17 @@ from coordinator.store import Store
 from demo.local import DeviceSpec, lay_out
 from tests.integration.conftest import FIGURES
 from tests.support.broker import Mosquitto
-from tests.support.federation import REPO, fast_profile, spawn, wait_for
+from tests.support.federation import REPO, domain_devices, fast_profile, read_logs, spawn, wait_for
 
 pytestmark = pytest.mark.integration
 
 ROUNDS = 6
 
 
-def logs(root: Path) -> str:
-    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted(root.glob("*.log")))
-
-
 def test_coordinator_kill_and_broker_restart_lose_nothing(tmp_path: Path, broker: Mosquitto, tiny_bundle: Path) -> None:
     # slower rounds (duty cycle) so the outages happen while devices are mid-run
     profile = fast_profile(tmp_path / "p.toml", duty_cycle=0.1, local_steps=10)
-    specs = [
-        DeviceSpec(
-            f"dev-{i}",
-            str(profile),
-            write_domain(tmp_path / f"d{i}.jsonl", DOMAINS[i], 20, seed=i),
-            extra={"max_rounds": ROUNDS, "seed": i, "resend_after_s": 3.0},
-        )
-        for i in range(2)
-    ]
+    specs = domain_devices(tmp_path, [profile] * 2, ROUNDS, examples=20, extras=[{"resend_after_s": 3.0}] * 2)
     fed = lay_out(
         tmp_path / "fed", bundle=tiny_bundle, broker_url=broker.url, devices=specs, strategy={"name": "fedbuff", "k": 2}
     )
@@ -66,7 +54,7 @@ def test_coordinator_kill_and_broker_restart_lose_nothing(tmp_path: Path, broker
         time.sleep(1.5)  # devices keep training; their updates wait in the outbox
         broker.start()  # same port, persistent sessions
         for e in edges:
-            assert e.wait(timeout=180) == 0, logs(tmp_path)
+            assert e.wait(timeout=180) == 0, read_logs(tmp_path, tail=2500)
         wait_for(lambda: accepted() == 2 * ROUNDS, 60, f"all {2 * ROUNDS} updates accepted")
     finally:
         for p in [*edges, coord]:

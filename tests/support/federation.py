@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from alignfed import tomlfile
+from alignfed.corpora import DOMAINS, write_domain
+from demo.local import DeviceSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,3 +70,29 @@ def stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20) -> None:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def domain_devices(
+    root: Path,
+    profiles: Sequence[Path],
+    rounds: int,
+    *,
+    examples: int = 40,
+    extras: Sequence[Mapping[str, object]] = (),
+) -> list[DeviceSpec]:
+    """Device i (`dev-i`) on profile i, `examples` of built-in domain i (seed i), stopping after
+    `rounds` rounds; `extras[i]` adds to its config (wire settings, resend timers)."""
+    return [
+        DeviceSpec(
+            f"dev-{i}",
+            str(profile),
+            write_domain(root / f"data-{i}.jsonl", DOMAINS[i], examples, seed=i),
+            extra={"max_rounds": rounds, "seed": i, **(extras[i] if extras else {})},
+        )
+        for i, profile in enumerate(profiles)
+    ]
+
+
+def read_logs(root: Path, tail: int = 3000) -> str:
+    """The last `tail` characters of every *.log under `root`: what a failed assertion shows."""
+    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-tail:]}" for p in sorted(root.glob("*.log")))
