@@ -148,17 +148,24 @@ def test_same_losses_and_adapter_as_ort(bundle: Path, mode: str) -> None:
     torch_ = TorchTrainer(bundle, m, lr=LR, threads=1, **MODES[mode])
     for name, t in torch_.adapter().items():  # both start from the bundle's initial adapter
         np.testing.assert_array_equal(t, want[f"start/{name}"])
-    nonzero = start_adapter(torch_.adapter())
-    torch_.load_adapter(nonzero)
-    batches = _batches(m.architecture.vocab, 4)
-    assert torch_.eval_loss(batches[0]) == pytest.approx(float(want["eval_loss"]), rel=1e-5)
+    nonzero = _assert_trains_like_ort(torch_, want, m.architecture.vocab)
+    moved = max(float(np.abs(want[f"end/{n}"] - nonzero[n]).max()) for n in nonzero)
+    assert moved > 10 * 2e-5  # the comparison is not between two unchanged adapters
+
+
+def _assert_trains_like_ort(trainer: TorchTrainer, want: dict[str, np.ndarray], vocab: int) -> dict[str, np.ndarray]:
+    """From the reference's non-zero start: ORT's eval loss (rel 1e-5), its four step losses
+    (rel 1e-4) and its end adapter (2e-5 absolute). Returns the start adapter."""
+    start = start_adapter(trainer.adapter())
+    trainer.load_adapter(start)
+    batches = _batches(vocab, 4)
+    assert trainer.eval_loss(batches[0]) == pytest.approx(float(want["eval_loss"]), rel=1e-5)
     for b, loss in zip(batches, want["step_losses"], strict=True):
-        assert torch_.step(b) == pytest.approx(float(loss), rel=1e-4)
-    got = torch_.adapter()
+        assert trainer.step(b) == pytest.approx(float(loss), rel=1e-4)
+    got = trainer.adapter()
     for name in got:
         np.testing.assert_allclose(got[name], want[f"end/{name}"], atol=2e-5, err_msg=name)
-    moved = max(float(np.abs(want[f"end/{n}"] - nonzero[n]).max()) for n in got)
-    assert moved > 10 * 2e-5  # the comparison is not between two unchanged adapters
+    return start
 
 
 def test_wrong_adapter_shape_is_refused(bundle: Path) -> None:
@@ -329,15 +336,7 @@ def test_cuda_fp32_trains_like_ort(bundle: Path) -> None:
     m = mf.load(bundle)
     gpu = TorchTrainer(bundle, m, lr=LR, threads=1, placement=Placement("cuda", "float32", "test"))
     assert gpu.params[sorted(gpu.params)[0]].device.type == "cuda"
-    start = start_adapter(gpu.adapter())
-    gpu.load_adapter(start)
-    batches = _batches(m.architecture.vocab, 4)
-    assert gpu.eval_loss(batches[0]) == pytest.approx(float(want["eval_loss"]), rel=1e-5)
-    for b, loss in zip(batches, want["step_losses"], strict=True):
-        assert gpu.step(b) == pytest.approx(float(loss), rel=1e-4)
-    got = gpu.adapter()
-    for name in got:
-        np.testing.assert_allclose(got[name], want[f"end/{name}"], atol=2e-5, err_msg=name)
+    _assert_trains_like_ort(gpu, want, m.architecture.vocab)
 
 
 @needs_cuda
